@@ -1,0 +1,195 @@
+"""Deterministic, resumable streams of fixed-length token sequences read from shards.
+
+Every (rank, dataloader worker) pair reads its own *stream*. A stream walks an infinite,
+seeded sequence of shards (an epoch-wise permutation split across streams, or shards drawn
+with replacement when ``resampled``), shuffles inside each shard with a bounded buffer, and
+crops or pads each conversation to the sequence length. Because a stream is a pure function
+of the seed and its id, its position is two integers (shard number in the stream, samples
+already emitted from that shard): that is what checkpoints store, and resuming re-reads at
+most one shard. Bad samples and unreadable shards are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from moshi_ttt.data.shards import NUM_STREAMS, decode_codes, iter_shard_samples, resolve_shards
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN = -1  # moshi's zero_token_id: no input embedding, excluded from the loss masks
+
+
+def _rng(parts: tuple) -> random.Random:
+    """A generator seeded stably across processes (``hash()`` of strings is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    shard_seq: int = 0  # index into this stream's infinite shard sequence
+    emitted: int = 0  # samples already emitted from that shard
+
+
+class _SkipCounter:
+    """Counts what a stream had to skip; webdataset calls it as its error handler."""
+
+    def __init__(self, stream_id: int):
+        self.stream_id = stream_id
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        logger.warning("stream %d: skipped unreadable data: %s", self.stream_id, exn)
+        return True
+
+
+class TokenSequenceDataset(IterableDataset):
+    """Fixed-length ``[17, seq_len]`` sequences from token shards, split by rank and worker.
+
+    Each item is a dict: ``codes`` (int64, padded with -1), ``key`` (the sample's key), ``stream``/``shard_seq``/``emitted``
+    (its position, so the trainer can checkpoint exactly what it consumed) and ``skipped``
+    (cumulative bad samples in this stream).
+    """
+
+    def __init__(
+        self,
+        shards,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = False,
+        shuffle_buffer: int = 64,
+        random_crop: bool = True,
+        min_frames: int = 1,
+        positions: dict[int, StreamPosition] | None = None,
+        worker_rotation: int = 0,
+    ):
+        super().__init__()
+        if seq_len <= 0:
+            raise ValueError(f"data.seq_len must be positive, got {seq_len}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.urls = resolve_shards(shards)
+        self.seq_len = int(seq_len)
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.resampled = resampled
+        self.shuffle_buffer = max(1, int(shuffle_buffer))
+        self.random_crop = random_crop
+        self.min_frames = max(1, int(min_frames))
+        self.positions = dict(positions or {})
+        self.worker_rotation = worker_rotation
+
+    def check_streams(self, num_workers: int) -> None:
+        """Fail before training when shards cannot be split over every stream."""
+        streams = self.world_size * max(1, num_workers)
+        if not self.resampled and len(self.urls) < streams:
+            raise ValueError(
+                f"{len(self.urls)} shard(s) cannot be split over {self.world_size} rank(s) x "
+                f"{max(1, num_workers)} worker(s) = {streams} streams without repeats: write more shards, "
+                "lower data.num_workers, or set data.resampled=true"
+            )
+
+    # ---- stream identity -------------------------------------------------------------
+    def _stream_id(self) -> tuple[int, int]:
+        info = get_worker_info()
+        num_workers = 1 if info is None else info.num_workers
+        worker = 0 if info is None else info.id
+        # Rotation makes a resumed run hand out the next batch from the same stream as the
+        # uninterrupted run would (DataLoader always starts at worker 0).
+        local = (worker + self.worker_rotation) % num_workers
+        return self.rank * num_workers + local, self.world_size * num_workers
+
+    def _shard_for(self, stream: int, num_streams: int, shard_seq: int) -> str:
+        if self.resampled:
+            rng = _rng((self.seed, "resample", stream, shard_seq))
+            return self.urls[rng.randrange(len(self.urls))]
+        per_epoch = len(self.urls) // num_streams
+        if per_epoch == 0:
+            raise ValueError(f"{len(self.urls)} shard(s) for {num_streams} streams; set data.resampled=true")
+        epoch, i = divmod(shard_seq, per_epoch)
+        order = list(range(len(self.urls)))
+        _rng((self.seed, "epoch", epoch)).shuffle(order)
+        return self.urls[order[stream + i * num_streams]]
+
+    # ---- samples ---------------------------------------------------------------------
+    def _to_sequence(self, codes: np.ndarray, rng: random.Random) -> np.ndarray:
+        T = codes.shape[1]
+        if T > self.seq_len:
+            start = rng.randrange(T - self.seq_len + 1) if self.random_crop else 0
+            return codes[:, start : start + self.seq_len]
+        out = np.full((NUM_STREAMS, self.seq_len), PAD_TOKEN, dtype=np.int16)
+        out[:, :T] = codes
+        return out
+
+    def _shard_samples(self, url: str, stream: int, shard_seq: int,
+                       skips: _SkipCounter) -> Iterator[tuple[str, np.ndarray]]:
+        rng = _rng((self.seed, "shuffle", stream, shard_seq))
+        buffer: list[tuple[str, np.ndarray]] = []
+        for raw in iter_shard_samples(url, skips):
+            try:
+                codes = decode_codes(raw["codes.npy"])
+                if "meta.json" in raw:
+                    json.loads(raw["meta.json"])
+                if codes.shape[1] < self.min_frames:
+                    raise ValueError(f"{codes.shape[1]} frames < data.min_frames={self.min_frames}")
+            except Exception as exn:  # noqa: BLE001 - any bad sample is skipped and counted
+                skips(ValueError(f"{url}: sample {raw.get('__key__')!r}: {exn}"))
+                continue
+            buffer.append((str(raw.get("__key__")), codes))
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        while buffer:
+            yield buffer.pop(rng.randrange(len(buffer)))
+
+    def __iter__(self) -> Iterator[dict]:
+        stream, num_streams = self._stream_id()
+        pos = self.positions.get(stream, StreamPosition())
+        skips = _SkipCounter(stream)
+        shard_seq, to_skip = pos.shard_seq, pos.emitted
+        empty_in_a_row = 0
+        while True:
+            url = self._shard_for(stream, num_streams, shard_seq)
+            emitted = 0
+            for key, codes in self._shard_samples(url, stream, shard_seq, skips):
+                emitted += 1
+                if emitted <= to_skip:
+                    continue
+                crop_rng = _rng((self.seed, "crop", stream, shard_seq, emitted))
+                seq = self._to_sequence(codes, crop_rng)
+                yield {
+                    "codes": torch.from_numpy(seq.astype(np.int64)),
+                    "key": key,
+                    "stream": stream,
+                    "shard_seq": shard_seq,
+                    "emitted": emitted,
+                    "skipped": skips.count,
+                }
+            to_skip = 0
+            empty_in_a_row = empty_in_a_row + 1 if emitted == 0 else 0
+            if empty_in_a_row > 2 * len(self.urls) + 10:
+                raise RuntimeError(f"stream {stream}: no readable sample in {empty_in_a_row} consecutive shards")
+            shard_seq += 1
+
+
+def consumed_positions(batch: dict) -> dict[int, StreamPosition]:
+    """The furthest position per stream in a collated batch (what resuming must skip)."""
+    out: dict[int, StreamPosition] = {}
+    for s, n, e in zip(batch["stream"].tolist(), batch["shard_seq"].tolist(), batch["emitted"].tolist()):
+        cur = out.get(s)
+        if cur is None or (n, e) > (cur.shard_seq, cur.emitted):
+            out[s] = StreamPosition(n, e)
+    return out

@@ -1,0 +1,135 @@
+"""Lightning callbacks: exact data position and RNG in checkpoints, plain progress for logs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import lightning as L
+import numpy as np
+import torch
+
+from moshi_ttt.data import StreamPosition
+
+logger = logging.getLogger(__name__)
+
+
+def collect_rng_states() -> dict:
+    """Every global RNG this process uses, as plain types (checkpoints stay ``weights_only``-loadable)."""
+    import random
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                        has_gauss, cached], "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(states["python"]) if not isinstance(states["python"], tuple) else states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _gather_objects(obj, trainer: L.Trainer) -> list:
+    """Every rank's ``obj`` (on every rank); just ``[obj]`` without a process group."""
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * trainer.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class ResumeStateCallback(L.Callback):
+    """Puts what Lightning does not save into the checkpoint: each rank's data position and RNG.
+
+    Lightning writes the checkpoint from rank 0 only, so both are gathered from all ranks
+    (``dump_checkpoint`` runs on every rank) and each rank takes its own back on resume.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "record_batch"):
+            dm.record_batch(batch)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        dm = trainer.datamodule
+        local = {"rng": collect_rng_states(),
+                 "positions": {k: tuple(v.__dict__.values()) for k, v in dm.local_positions.items()} if dm is not None and hasattr(dm, "local_positions") else {}}
+        gathered = _gather_objects(local, trainer)
+        checkpoint["rng_states"] = [g["rng"] for g in gathered]
+        if dm is not None and hasattr(dm, "positions"):
+            dm.positions = {rank: {s: StreamPosition(*p) for s, p in g["positions"].items()}
+                            for rank, g in enumerate(gathered)}
+            checkpoint[type(dm).__qualname__] = dm.state_dict()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        if len(states) != trainer.world_size:
+            logger.warning("checkpoint has RNG states of %d rank(s), this run has %d: RNG not restored",
+                           len(states), trainer.world_size)
+            return
+        self._pending_rng = states[trainer.global_rank]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Restored here, after Lightning's own seeding/setup, right before the first batch.
+        state = getattr(self, "_pending_rng", None)
+        if state is not None:
+            set_rng_states(state)
+            self._pending_rng = None
+
+
+class PlainProgressLogger(L.Callback):
+    """Periodic one-line progress for non-interactive logs (SLURM), where bars are noise."""
+
+    def __init__(self, every_n_steps: int = 10, force: bool = False):
+        self.every = max(1, every_n_steps)
+        self.force = force
+        self._t0 = None
+
+    def enabled(self) -> bool:
+        return self.force or not sys.stdout.isatty()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.enabled() or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        m = trainer.callback_metrics
+        parts = [f"step {step}/{trainer.max_steps}"]
+        for key in ("train/loss", "train/lr", "train/frames_per_s", "curriculum/stage"):
+            if key in m:
+                parts.append(f"{key.split('/')[-1]}={float(m[key]):.4g}")
+        parts.append(f"elapsed={time.perf_counter() - self._t0:.1f}s")
+        print(" | ".join(parts), flush=True)
+
+
+class SampleLog(L.Callback):
+    """Appends the key of every consumed training sample to ``<dir>/rank<r>.txt``: a data audit
+    trail (which conversations a run saw, and that ranks never saw the same one)."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if "key" not in batch:
+            return
+        import os
+
+        os.makedirs(self.dirpath, exist_ok=True)
+        with open(os.path.join(self.dirpath, f"rank{trainer.global_rank}.txt"), "a") as f:
+            for key in batch["key"]:
+                f.write(f"{trainer.global_step}\t{key}\n")

@@ -1,0 +1,154 @@
+"""The DataModule: token shards -> [B, 17, T] batches, with a checkpointable data position."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from moshi_ttt.data import StreamPosition, TokenSequenceDataset, consumed_positions, resolve_shards
+from moshi_ttt.data.synthetic import write_synthetic_shards
+
+logger = logging.getLogger(__name__)
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Reads token shards; remembers, per rank, how far each stream was consumed.
+
+    The position is checkpointed through ``state_dict`` after being gathered from every rank
+    (see ``DataPositionCallback``), so a resume continues with the next unseen sample.
+    """
+
+    def __init__(
+        self,
+        train_shards,
+        seq_len: int,
+        batch_size: int = 1,
+        val_shards=None,
+        num_workers: int = 0,
+        seed: int = 0,
+        resampled: bool = False,
+        shuffle_buffer: int = 64,
+        random_crop: bool = True,
+        min_frames: int = 1,
+        val_batches: int = 2,
+        synthetic: dict | None = None,
+    ):
+        super().__init__()
+        if seq_len is None or int(seq_len) <= 0:
+            raise ValueError(f"data.seq_len must be a positive number of frames, got {seq_len}")
+        if int(batch_size) <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.seq_len = int(seq_len)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = seed
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.random_crop = random_crop
+        self.min_frames = min_frames
+        self.val_batches = val_batches
+        self.synthetic = dict(synthetic) if synthetic else None
+        # rank -> {stream -> StreamPosition}, and batches consumed per rank (same on every rank)
+        self.positions: dict[int, dict[int, StreamPosition]] = {}
+        self.local_positions: dict[int, StreamPosition] = {}
+        self.batches_consumed = 0
+
+    # ---- data that the run creates itself ------------------------------------------------
+    def ensure_synthetic(self) -> None:
+        """Write the synthetic shards once (atomically) when the config asks for them."""
+        if not self.synthetic:
+            return
+        target = Path(str(self.train_shards))
+        if (target / "index.json").exists():
+            return
+        tmp = target.with_name(target.name + f".tmp-{torch.randint(1 << 30, ()).item()}")
+        spec = dict(self.synthetic)
+        frames = spec.pop("num_frames")
+        write_synthetic_shards(tmp, num_frames=tuple(frames) if isinstance(frames, (list, tuple)) else int(frames),
+                               **spec)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first; its shards are identical
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def validate(self) -> None:
+        """Fail before any compute when shards are missing or cannot feed every stream."""
+        self.ensure_synthetic()
+        resolve_shards(self.train_shards)
+        if self.val_shards:
+            resolve_shards(self.val_shards)
+
+    def prepare_data(self) -> None:
+        self.ensure_synthetic()
+
+    # ---- loaders -------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        workers = max(1, self.num_workers)
+        ds = TokenSequenceDataset(
+            self.train_shards, self.seq_len, seed=self.seed, rank=rank, world_size=world,
+            resampled=self.resampled, shuffle_buffer=self.shuffle_buffer, random_crop=self.random_crop,
+            min_frames=self.min_frames, positions=self.positions.get(rank, {}),
+            worker_rotation=self.batches_consumed % workers,
+        )
+        ds.check_streams(self.num_workers)
+        self.local_positions = dict(self.positions.get(rank, {}))
+        return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self):
+        if not self.val_shards:
+            return []
+        rank, world = self._rank_world()
+        ds = TokenSequenceDataset(self.val_shards, self.seq_len, seed=12345, rank=rank, world_size=world,
+                                  resampled=True, random_crop=False, shuffle_buffer=1)
+        return _Take(DataLoader(ds, batch_size=self.batch_size, num_workers=0), self.val_batches)
+
+    # ---- position bookkeeping ------------------------------------------------------------
+    def record_batch(self, batch: dict) -> None:
+        self.local_positions.update(consumed_positions(batch))
+        self.batches_consumed += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "positions": {r: {s: (p.shard_seq, p.emitted) for s, p in ps.items()} for r, ps in self.positions.items()},
+            "batches_consumed": self.batches_consumed,
+            "seq_len": self.seq_len,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.positions = {int(r): {int(s): StreamPosition(*p) for s, p in ps.items()}
+                          for r, ps in state.get("positions", {}).items()}
+        self.batches_consumed = int(state.get("batches_consumed", 0))
+        logger.info("data position restored: %d batches consumed, %d rank(s)", self.batches_consumed,
+                    len(self.positions))
+
+
+class _Take:
+    """The first ``n`` batches of a loader (a fixed, cheap validation set over an endless stream)."""
+
+    def __init__(self, loader: DataLoader, n: int):
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i >= self.n:
+                break
+            yield batch
+
+    def __len__(self) -> int:
+        return self.n

@@ -1,0 +1,62 @@
+"""Moshi's fine-tuning loss: text CE with padding down-weighted + audio CE with the semantic
+codebook up-weighted, as moshi-finetune computes it, so that numbers compare."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from moshi.models.lm import LMOutput
+
+
+@dataclass
+class LossConfig:
+    text_padding_weight: float = 0.5
+    first_codebook_weight: float = 100.0
+    text_weight: float = 1.0
+    audio_weight: float = 1.0
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    audio_loss: torch.Tensor
+    per_codebook: torch.Tensor  # [dep_q] unweighted CE per audio codebook
+    token_losses: torch.Tensor  # [B, T] unweighted CE summed over valid streams (for position buckets)
+    token_counts: torch.Tensor  # [B, T] number of valid streams per frame
+
+
+def _weighted_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor):
+    """CE over valid positions only: NaN logits at invalid positions never reach the loss."""
+    ce = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    ce[mask] = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    w = weights * mask
+    return (ce * w).sum() / w.sum().clamp_min(1e-9), ce
+
+
+def moshi_loss(out: LMOutput, codes: torch.Tensor, cfg: LossConfig, text_padding_ids: tuple[int, ...],
+               audio_offset: int = 1) -> LossOutput:
+    """``codes`` [B, 17, T] as fed to ``LMModel.forward``; invalid/padded positions masked."""
+    dep_q = out.logits.shape[1]
+    text_targets = codes[:, :1]
+    text_mask = out.text_mask & (text_targets >= 0)
+    text_w = torch.ones_like(text_targets, dtype=torch.float32)
+    for pad in text_padding_ids:
+        text_w = torch.where(text_targets == pad, text_w * cfg.text_padding_weight, text_w)
+    text_loss, text_ce = _weighted_ce(out.text_logits, text_targets.clamp_min(0), text_mask, text_w)
+
+    audio_targets = codes[:, audio_offset : audio_offset + dep_q]
+    audio_mask = out.mask & (audio_targets >= 0)
+    audio_w = torch.ones_like(audio_targets, dtype=torch.float32)
+    audio_w[:, 0] *= cfg.first_codebook_weight
+    audio_loss, audio_ce = _weighted_ce(out.logits, audio_targets.clamp_min(0), audio_mask, audio_w)
+
+    counts = audio_mask.sum(dim=(0, 2)).clamp_min(1)
+    per_codebook = (audio_ce * audio_mask).sum(dim=(0, 2)) / counts
+    token_losses = (audio_ce * audio_mask).sum(1) + (text_ce * text_mask).sum(1)
+    token_counts = audio_mask.sum(1) + text_mask.sum(1)
+    loss = cfg.text_weight * text_loss + cfg.audio_weight * audio_loss
+    return LossOutput(loss, text_loss, audio_loss, per_codebook.detach(), token_losses.detach(),
+                      token_counts.detach())

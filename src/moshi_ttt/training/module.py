@@ -1,0 +1,163 @@
+"""The LightningModule: frozen Moshi + trainable adapters, Moshi's loss, honest metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import nn
+
+from moshi_ttt.models import count_parameters
+from moshi_ttt.training.loss import LossConfig, moshi_loss
+
+logger = logging.getLogger(__name__)
+
+# Loss by position inside the sequence, in minutes (the long-memory question is "late" loss).
+POSITION_BUCKETS_MIN = ((0, 1), (1, 4), (4, 10), (10, 30))
+FRAME_RATE = 12.5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    # Learning-rate multipliers by parameter-name substring (first match wins), e.g. gates.
+    group_lr_scale: dict[str, float] = field(default_factory=dict)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup then cosine decay to ``min_ratio`` at ``total``."""
+    import math
+
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class MoshiTTTModule(L.LightningModule):
+    """Trains only the adapter parameters of a frozen Moshi.
+
+    The model comes from ``model_factory`` (called once, in ``configure_model``) so that the
+    7B base is built on the right device by the strategy, and checkpoints carry only what
+    trains: the base is reloaded from its source on resume.
+    """
+
+    def __init__(self, model_factory: Callable[[], nn.Module], loss: LossConfig | None = None,
+                 optim: OptimConfig | None = None):
+        super().__init__()
+        self.model_factory = model_factory
+        self.loss_cfg = loss or LossConfig()
+        self.optim_cfg = optim or OptimConfig()
+        self.model: nn.Module | None = None
+        self.strict_loading = False  # frozen base weights are not in our checkpoints
+        self._t_last: float | None = None
+
+    # ---- model ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.model_factory()
+        counts = count_parameters(self.model)
+        if counts["trainable"] == 0:
+            raise ValueError("nothing to train: enable model.lora.rank>0 or choose a ttt variant (ttt=...)")
+        logger.info("parameters: trainable %s, frozen %s (%.4f%% trainable)", f"{counts['trainable']:,}",
+                    f"{counts['frozen']:,}", 100 * counts["trainable"] / counts["total"])
+        self.param_counts = counts
+
+    def trainable_named_parameters(self):
+        assert self.model is not None
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def forward(self, codes: torch.Tensor):
+        return self.model(codes)
+
+    # ---- steps ---------------------------------------------------------------------------
+    def _shared_step(self, batch: dict, prefix: str):
+        codes = batch["codes"]
+        out = self.model(codes)
+        text_pads = (self.model.text_padding_token_id, self.model.end_of_text_padding_id)
+        res = moshi_loss(out, codes, self.loss_cfg, text_pads, self.model.audio_offset)
+        B, _, T = codes.shape
+        sync = prefix != "train"
+        self.log(f"{prefix}/loss", res.loss, prog_bar=True, batch_size=B, sync_dist=sync)
+        self.log(f"{prefix}/text_loss", res.text_loss, batch_size=B, sync_dist=sync)
+        self.log(f"{prefix}/audio_loss", res.audio_loss, batch_size=B, sync_dist=sync)
+        for k, v in enumerate(res.per_codebook):
+            self.log(f"{prefix}/codebook_{k}_loss", v, batch_size=B, sync_dist=sync)
+        for lo, hi in POSITION_BUCKETS_MIN:
+            a, b = int(lo * 60 * FRAME_RATE), min(T, int(hi * 60 * FRAME_RATE))
+            if a >= T:
+                break
+            n = res.token_counts[:, a:b].sum()
+            if n > 0:
+                self.log(f"{prefix}/loss_{lo}-{hi}min", res.token_losses[:, a:b].sum() / n, batch_size=B,
+                         sync_dist=sync)
+        return res, B, T
+
+    def training_step(self, batch: dict, batch_idx: int):
+        res, B, T = self._shared_step(batch, "train")
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = max(now - self._t_last, 1e-9)
+            frames = B * T * self.trainer.world_size
+            self.log("train/frames_per_s", frames / dt, batch_size=B)
+            self.log("train/tokens_per_s", frames * 9 / dt, batch_size=B)  # moshi-finetune's count
+        self._t_last = now
+        if "skipped" in batch:
+            self.log("data/skipped_samples", batch["skipped"].max().float(), batch_size=B, reduce_fx="max")
+        return res.loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        self._shared_step(batch, "val")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for _, p in self.trainable_named_parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        opt = self.optimizers()
+        lr = opt.param_groups[0]["lr"] if not isinstance(opt, list) else opt[0].param_groups[0]["lr"]
+        self.log("train/lr", lr)
+
+    # ---- optimisation --------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        groups: dict[float, list] = {}
+        for name, p in self.trainable_named_parameters():
+            scale = next((s for key, s in cfg.group_lr_scale.items() if key in name), 1.0)
+            groups.setdefault(scale, []).append(p)
+        param_groups = [{"params": ps, "lr": cfg.lr * s, "lr_scale": s} for s, ps in groups.items()]
+        opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoints: only what trains ---------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{n}" for n, _ in self.trainable_named_parameters()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["param_counts"] = getattr(self, "param_counts", None)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        expected = {f"model.{n}" for n, _ in self.trainable_named_parameters()}
+        got = set(checkpoint["state_dict"])
+        if expected != got:
+            missing, unexpected = sorted(expected - got)[:5], sorted(got - expected)[:5]
+            raise ValueError(
+                "checkpoint does not match the configured adapters "
+                f"(missing {missing}, unexpected {unexpected}): resume with the same model/ttt config"
+            )

@@ -1,0 +1,138 @@
+"""``train(cfg)``: everything ``python train.py`` does, callable without Hydra's main."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moshi_ttt.models.build import build_model, source_config
+from moshi_ttt.models.loading import locate_checkpoint
+from moshi_ttt.training.checkpointing import AtomicCheckpointIO
+from moshi_ttt.training.loss import LossConfig
+from moshi_ttt.training.module import MoshiTTTModule, OptimConfig
+
+logger = logging.getLogger("moshi_ttt")
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9._=-]{1,128}$")
+
+
+def _require_positive_int(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Catch bad settings before any model is built or any step runs."""
+    if not _RUN_NAME.match(str(cfg.run_name)):
+        raise ValueError(f"run_name={cfg.run_name!r}: use letters, digits, '.', '_', '-', '=' (it becomes a path "
+                         "and the W&B run id)")
+    for key in ("data.seq_len", "data.batch_size", "trainer.max_steps"):
+        _require_positive_int(cfg, key)
+    if OmegaConf.select(cfg, "data.train_shards") is None:
+        raise ValueError("data.train_shards is not set")
+    if cfg.model.source != "hf":  # hub look-ups happen at load time, with the repo named in the error
+        locate_checkpoint(source_config(cfg.model))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | os.PathLike) -> str | None:
+    if ckpt_path in (None, "", "none", "null"):
+        return None
+    if ckpt_path == "last":
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if last.exists():
+            logger.info("resuming from %s", last)
+            return str(last)
+        logger.info("no checkpoint at %s: starting fresh", last)
+        return None
+    if not Path(ckpt_path).exists():
+        logger.info("ckpt_path=%s does not exist yet: starting fresh", ckpt_path)
+        return None
+    logger.info("resuming from %s", ckpt_path)
+    return str(ckpt_path)
+
+
+def _quiet_expected_warnings() -> None:
+    import warnings
+
+    # The frozen base is kept in eval mode on purpose (no dropout/batch statistics to update).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Validation is optional: an empty val loader list is the "no validation" setting.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    # Checkpoints are per run directory by design: resuming writes into the same directory.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s %(levelname)s] %(message)s")
+    logging.getLogger("moshi_ttt").setLevel(logging.INFO)
+
+
+def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    interactive = sys.stdout.isatty()
+    if interactive:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    kwargs = dict(callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
+                  enable_progress_bar=interactive)
+    kwargs.update(overrides)
+    return instantiate(cfg.trainer, **kwargs)
+
+
+def build_module(cfg: DictConfig) -> MoshiTTTModule:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    ttt_cfg = OmegaConf.to_container(cfg.ttt, resolve=True) if cfg.get("ttt") is not None else None
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    optim["betas"] = tuple(optim["betas"])
+    return MoshiTTTModule(
+        functools.partial(build_model, model_cfg, ttt_cfg),
+        loss=LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)),
+        optim=OptimConfig(**optim),
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    """Validate, build, fit (resuming when a checkpoint exists); returns a summary."""
+    _setup_logging()
+    _quiet_expected_warnings()
+    validate_config(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    datamodule = instantiate(cfg.data)
+    datamodule.validate()
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        for lg in trainer.loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    ckpt = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    summary = {
+        "run_dir": str(run_dir),
+        "global_step": trainer.global_step,
+        "resumed_from": ckpt,
+        "metrics": metrics,
+        "checkpoint_dir": str(run_dir / "checkpoints"),
+        "param_counts": getattr(module, "param_counts", None),
+    }
+    if trainer.is_global_zero:
+        logger.info("done: %d steps, train/loss %.4f, checkpoints in %s", trainer.global_step,
+                    metrics.get("train/loss", float("nan")), summary["checkpoint_dir"])
+    return summary
