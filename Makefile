@@ -7,13 +7,16 @@ PY := $(MOSHI_TTT_VENV)/bin/python
 export NO_TORCH_COMPILE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
+# This clone's sources win over whatever checkout the shared venv's editable install points to.
+export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: install demo test lint bench clean-runs
 
-# Dependencies are installed once per pyproject hash; the editable link to this clone is
-# refreshed whenever the clone moves (a CI clone reuses the venv of a previous clone).
+# Dependencies are installed once per pyproject hash. The editable link (for `python train.py`
+# outside make) is re-pointed only when the checkout it points to is gone, so a second clone
+# never steals it from a live one; make targets use PYTHONPATH above either way.
 install: $(MOSHI_TTT_VENV)/.deps-installed
-	@if [ "$$(cat $(MOSHI_TTT_VENV)/.source-dir 2>/dev/null)" != "$(CURDIR)" ]; then \
+	@if [ ! -d "$$(cat $(MOSHI_TTT_VENV)/.source-dir 2>/dev/null)/src/moshi_ttt" ]; then \
 	  $(PY) -m pip install -q --no-deps --no-build-isolation -e . && echo "$(CURDIR)" > $(MOSHI_TTT_VENV)/.source-dir; \
 	fi
 

@@ -59,7 +59,8 @@ class TokenSequenceDataset(IterableDataset):
 
     Each item is a dict: ``codes`` (int64, padded with -1), ``key`` (the sample's key), ``stream``/``shard_seq``/``emitted``
     (its position, so the trainer can checkpoint exactly what it consumed) and ``skipped``
-    (cumulative bad samples in this stream).
+    (cumulative bad samples in this stream) and ``segments`` (``[seq_len]``, which packed
+    conversation each frame belongs to: all zeros unless ``packing`` joined short conversations).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class TokenSequenceDataset(IterableDataset):
         min_frames: int = 1,
         positions: dict[int, StreamPosition] | None = None,
         worker_rotation: int = 0,
+        packing: bool = False,
     ):
         super().__init__()
         if seq_len <= 0:
@@ -92,6 +94,7 @@ class TokenSequenceDataset(IterableDataset):
         self.min_frames = max(1, int(min_frames))
         self.positions = dict(positions or {})
         self.worker_rotation = worker_rotation
+        self.packing = packing
 
     def check_streams(self, num_workers: int) -> None:
         """Fail before training when shards cannot be split over every stream."""
@@ -155,10 +158,9 @@ class TokenSequenceDataset(IterableDataset):
         while buffer:
             yield buffer.pop(rng.randrange(len(buffer)))
 
-    def __iter__(self) -> Iterator[dict]:
-        stream, num_streams = self._stream_id()
+    def _conversations(self, stream: int, num_streams: int, skips: _SkipCounter):
+        """(key, codes, shard_seq, emitted) in stream order, from the resume position on."""
         pos = self.positions.get(stream, StreamPosition())
-        skips = _SkipCounter(stream)
         shard_seq, to_skip = pos.shard_seq, pos.emitted
         empty_in_a_row = 0
         while True:
@@ -166,23 +168,44 @@ class TokenSequenceDataset(IterableDataset):
             emitted = 0
             for key, codes in self._shard_samples(url, stream, shard_seq, skips):
                 emitted += 1
-                if emitted <= to_skip:
-                    continue
-                crop_rng = _rng((self.seed, "crop", stream, shard_seq, emitted))
-                seq = self._to_sequence(codes, crop_rng)
-                yield {
-                    "codes": torch.from_numpy(seq.astype(np.int64)),
-                    "key": key,
-                    "stream": stream,
-                    "shard_seq": shard_seq,
-                    "emitted": emitted,
-                    "skipped": skips.count,
-                }
+                if emitted > to_skip:
+                    yield key, codes, shard_seq, emitted
             to_skip = 0
             empty_in_a_row = empty_in_a_row + 1 if emitted == 0 else 0
             if empty_in_a_row > 2 * len(self.urls) + 10:
                 raise RuntimeError(f"stream {stream}: no readable sample in {empty_in_a_row} consecutive shards")
             shard_seq += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        stream, num_streams = self._stream_id()
+        skips = _SkipCounter(stream)
+        conversations = self._conversations(stream, num_streams, skips)
+        for key, codes, shard_seq, emitted in conversations:
+            crop_rng = _rng((self.seed, "crop", stream, shard_seq, emitted))
+            segments = np.zeros(self.seq_len, dtype=np.int64)
+            keys = [key]
+            if self.packing and codes.shape[1] < self.seq_len:
+                # Pack the following conversations behind this one; the last is cut at seq_len.
+                parts, total = [codes], codes.shape[1]
+                while total < self.seq_len:
+                    key2, codes2, shard_seq, emitted = next(conversations)
+                    piece = codes2[:, : self.seq_len - total]
+                    segments[total : total + piece.shape[1]] = len(parts)
+                    parts.append(piece)
+                    keys.append(key2)
+                    total += piece.shape[1]
+                seq = np.concatenate(parts, axis=1)
+            else:
+                seq = self._to_sequence(codes, crop_rng)
+            yield {
+                "codes": torch.from_numpy(seq.astype(np.int64)),
+                "segments": torch.from_numpy(segments),
+                "key": "+".join(keys),
+                "stream": stream,
+                "shard_seq": shard_seq,
+                "emitted": emitted,
+                "skipped": skips.count,
+            }
 
 
 def consumed_positions(batch: dict) -> dict[int, StreamPosition]:

@@ -106,8 +106,9 @@ class PlainProgressLogger(L.Callback):
         if not self.enabled() or not trainer.is_global_zero:
             return
         step = trainer.global_step
-        if step % self.every and step != trainer.max_steps:
-            return
+        if step == getattr(self, "_last_step", None) or (step % self.every and step != trainer.max_steps):
+            return  # one line per optimizer step, also under gradient accumulation
+        self._last_step = step
         m = trainer.callback_metrics
         parts = [f"step {step}/{trainer.max_steps}"]
         for key in ("train/loss", "train/lr", "train/frames_per_s", "curriculum/stage"):

@@ -58,6 +58,8 @@ class TokenDataModule(L.LightningDataModule):
         self.positions: dict[int, dict[int, StreamPosition]] = {}
         self.local_positions: dict[int, StreamPosition] = {}
         self.batches_consumed = 0
+        self.curriculum = None  # set by train(): stages override seq_len / batch_size / packing
+        self.packing = False
 
     # ---- data that the run creates itself ------------------------------------------------
     def ensure_synthetic(self) -> None:
@@ -96,27 +98,46 @@ class TokenDataModule(L.LightningDataModule):
             return self.trainer.global_rank, self.trainer.world_size
         return 0, 1
 
-    def train_dataloader(self) -> DataLoader:
+    def stage_settings(self) -> tuple[int, int, bool, tuple[int, int] | None]:
+        """(seq_len, batch_size, packing, (batches left, batches in the stage) or None if endless)."""
+        if not self.curriculum:
+            return self.seq_len, self.batch_size, self.packing, None
+        step = self.trainer.global_step if self.trainer is not None else 0
+        i, k = self.curriculum.locate(step)
+        stage = self.curriculum.stages[i]
+        return stage.frames, stage.batch_size, stage.packing, ((stage.steps - k) * stage.accumulate,
+                                                               stage.steps * stage.accumulate)
+
+    def train_dataloader(self):
         rank, world = self._rank_world()
         workers = max(1, self.num_workers)
+        seq_len, batch_size, packing, stage_batches = self.stage_settings()
         ds = TokenSequenceDataset(
-            self.train_shards, self.seq_len, seed=self.seed, rank=rank, world_size=world,
+            self.train_shards, seq_len, seed=self.seed, rank=rank, world_size=world,
             resampled=self.resampled, shuffle_buffer=self.shuffle_buffer, random_crop=self.random_crop,
             min_frames=self.min_frames, positions=self.positions.get(rank, {}),
-            worker_rotation=self.batches_consumed % workers,
+            worker_rotation=self.batches_consumed % workers, packing=packing,
         )
         ds.check_streams(self.num_workers)
-        self.local_positions = dict(self.positions.get(rank, {}))
-        return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+        # Positions persist across stages: a new stage continues the streams where they are.
+        self.local_positions = {**self.positions.get(rank, {}), **self.local_positions}
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        if stage_batches is None:
+            return loader
+        # Lightning counts an epoch's batches from its start, also after a mid-stage resume:
+        # report the stage's full length, yield only what is left of it.
+        left, total = stage_batches
+        return _Take(loader, left, length=total)
 
     def val_dataloader(self):
         if not self.val_shards:
             return []
         rank, world = self._rank_world()
-        ds = TokenSequenceDataset(self.val_shards, self.seq_len, seed=12345, rank=rank, world_size=world,
+        seq_len, batch_size, _, _ = self.stage_settings()
+        ds = TokenSequenceDataset(self.val_shards, seq_len, seed=12345, rank=rank, world_size=world,
                                   resampled=True, random_crop=False, shuffle_buffer=1)
-        return _Take(DataLoader(ds, batch_size=self.batch_size, num_workers=0), self.val_batches)
+        return _Take(DataLoader(ds, batch_size=batch_size, num_workers=0), self.val_batches)
 
     # ---- position bookkeeping ------------------------------------------------------------
     def record_batch(self, batch: dict) -> None:
@@ -139,10 +160,11 @@ class TokenDataModule(L.LightningDataModule):
 
 
 class _Take:
-    """The first ``n`` batches of a loader (a fixed, cheap validation set over an endless stream)."""
+    """The first ``n`` batches of an endless loader (a stage, or a fixed validation set)."""
 
-    def __init__(self, loader: DataLoader, n: int):
+    def __init__(self, loader: DataLoader, n: int, length: int | None = None):
         self.loader, self.n = loader, n
+        self.length = n if length is None else length
 
     def __iter__(self):
         for i, batch in enumerate(self.loader):
@@ -151,4 +173,4 @@ class _Take:
             yield batch
 
     def __len__(self) -> int:
-        return self.n
+        return self.length

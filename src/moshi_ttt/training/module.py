@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -53,8 +54,9 @@ class MoshiTTTModule(L.LightningModule):
     """
 
     def __init__(self, model_factory: Callable[[], nn.Module], loss: LossConfig | None = None,
-                 optim: OptimConfig | None = None):
+                 optim: OptimConfig | None = None, curriculum=None):
         super().__init__()
+        self.curriculum = curriculum
         self.model_factory = model_factory
         self.loss_cfg = loss or LossConfig()
         self.optim_cfg = optim or OptimConfig()
@@ -77,6 +79,10 @@ class MoshiTTTModule(L.LightningModule):
     def trainable_named_parameters(self):
         assert self.model is not None
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def on_fit_start(self) -> None:
+        for lg in self.loggers:
+            lg.log_hyperparams({f"params/{k}": v for k, v in self.param_counts.items()})
 
     def forward(self, codes: torch.Tensor):
         return self.model(codes)
@@ -140,9 +146,13 @@ class MoshiTTTModule(L.LightningModule):
         param_groups = [{"params": ps, "lr": cfg.lr * s, "lr_scale": s} for s, ps in groups.items()]
         opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                 weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio)
-        )
+        if self.curriculum:
+            curriculum = self.curriculum
+            schedule = functools.partial(curriculum.lr_multiplier, base_lr=cfg.lr)
+        else:
+            schedule = functools.partial(warmup_cosine, warmup=cfg.warmup_steps, total=cfg.total_steps,
+                                         min_ratio=cfg.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- checkpoints: only what trains ---------------------------------------------------

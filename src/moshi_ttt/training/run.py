@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from moshi_ttt.models.build import build_model, source_config
 from moshi_ttt.models.loading import locate_checkpoint
 from moshi_ttt.training.checkpointing import AtomicCheckpointIO
+from moshi_ttt.training.curriculum import Curriculum, CurriculumCallback
 from moshi_ttt.training.loss import LossConfig
 from moshi_ttt.training.module import MoshiTTTModule, OptimConfig
 
@@ -69,6 +70,9 @@ def _quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     # Checkpoints are per run directory by design: resuming writes into the same directory.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Mid-stage resume is exact: the data position lives in the DataModule's checkpoint state,
+    # not in the loader object Lightning inspects.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
 
 
 def _setup_logging() -> None:
@@ -77,7 +81,13 @@ def _setup_logging() -> None:
     logging.getLogger("moshi_ttt").setLevel(logging.INFO)
 
 
-def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+def build_curriculum(cfg: DictConfig) -> Curriculum:
+    if cfg.get("curriculum") is None:
+        return Curriculum([])
+    return Curriculum.from_config(OmegaConf.to_container(cfg.curriculum, resolve=True))
+
+
+def build_trainer(cfg: DictConfig, curriculum: Curriculum | None = None, **overrides) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     interactive = sys.stdout.isatty()
     if interactive:
@@ -87,11 +97,16 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     kwargs = dict(callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                   enable_progress_bar=interactive)
+    if curriculum:
+        # One stage = one epoch with its own loader; accumulation follows the stage.
+        callbacks.append(CurriculumCallback(curriculum, str(Path(cfg.paths.run_dir) / "checkpoints")))
+        kwargs.update(max_steps=curriculum.total_steps, max_epochs=-1, reload_dataloaders_every_n_epochs=1,
+                      val_check_interval=None, check_val_every_n_epoch=1, accumulate_grad_batches=1)
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)
 
 
-def build_module(cfg: DictConfig) -> MoshiTTTModule:
+def build_module(cfg: DictConfig, curriculum: Curriculum | None = None) -> MoshiTTTModule:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ttt_cfg = OmegaConf.to_container(cfg.ttt, resolve=True) if cfg.get("ttt") is not None else None
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
@@ -100,6 +115,7 @@ def build_module(cfg: DictConfig) -> MoshiTTTModule:
         functools.partial(build_model, model_cfg, ttt_cfg),
         loss=LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)),
         optim=OptimConfig(**optim),
+        curriculum=curriculum,
     )
 
 
@@ -109,12 +125,14 @@ def train(cfg: DictConfig) -> dict:
     _quiet_expected_warnings()
     validate_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    curriculum = build_curriculum(cfg)
     datamodule = instantiate(cfg.data)
+    datamodule.curriculum = curriculum
     datamodule.validate()
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    module = build_module(cfg)
-    trainer = build_trainer(cfg)
+    module = build_module(cfg, curriculum)
+    trainer = build_trainer(cfg, curriculum)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
