@@ -163,6 +163,8 @@ class MoshiTTTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        if "state_dict" not in checkpoint:
+            return  # DeepSpeed restores the weights itself and keeps them out of the client state
         expected = {f"model.{n}" for n, _ in self.trainable_named_parameters()}
         got = set(checkpoint["state_dict"])
         if expected != got:

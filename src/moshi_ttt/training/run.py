@@ -17,6 +17,7 @@ from moshi_ttt.models.build import build_model, source_config
 from moshi_ttt.models.loading import locate_checkpoint
 from moshi_ttt.training.checkpointing import AtomicCheckpointIO
 from moshi_ttt.training.curriculum import Curriculum, CurriculumCallback
+from moshi_ttt.training.deepspeed_strategy import previous_checkpoint
 from moshi_ttt.training.loss import LossConfig
 from moshi_ttt.training.module import MoshiTTTModule, OptimConfig
 
@@ -40,6 +41,11 @@ def validate_config(cfg: DictConfig) -> None:
         _require_positive_int(cfg, key)
     if OmegaConf.select(cfg, "data.train_shards") is None:
         raise ValueError("data.train_shards is not set")
+    strategy = OmegaConf.select(cfg, "trainer.strategy._target_") or ""
+    if "DeepSpeed" in strategy and any(int(s.get("accumulate", 1)) > 1
+                                       for s in (OmegaConf.select(cfg, "curriculum.stages") or [])):
+        raise ValueError("curriculum.stages.*.accumulate > 1 is not supported with DeepSpeed (its engine fixes "
+                         "gradient accumulation at start-up): use accumulate: 1 and more GPUs or a larger batch_size")
     if cfg.model.source != "hf":  # hub look-ups happen at load time, with the repo named in the error
         locate_checkpoint(source_config(cfg.model))
 
@@ -49,9 +55,10 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | os.PathLike) -> str 
         return None
     if ckpt_path == "last":
         last = Path(run_dir) / "checkpoints" / "last.ckpt"
-        if last.exists():
-            logger.info("resuming from %s", last)
-            return str(last)
+        for candidate in (last, previous_checkpoint(last)):  # .old: a DeepSpeed save was cut short
+            if candidate.exists():
+                logger.info("resuming from %s", candidate)
+                return str(candidate)
         logger.info("no checkpoint at %s: starting fresh", last)
         return None
     if not Path(ckpt_path).exists():
