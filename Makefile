@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # This clone's sources win over whatever checkout the shared venv's editable install points to.
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install demo test lint bench clean-runs
+.PHONY: install demo test lint bench print-python
 
 # Dependencies are installed once per pyproject hash. The editable link (for `python train.py`
 # outside make) is re-pointed only when the checkout it points to is gone, so a second clone
@@ -40,3 +40,6 @@ lint: install
 bench: install
 	$(PY) bench/ttt_layer.py
 	$(PY) bench/long_sequence.py
+
+print-python:
+	@echo $(PY)

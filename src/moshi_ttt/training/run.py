@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from moshi_ttt.models.build import build_model, source_config
@@ -102,8 +103,11 @@ def build_trainer(cfg: DictConfig, curriculum: Curriculum | None = None, **overr
 
         callbacks.append(RichProgressBar())
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    kwargs = dict(callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
-                  enable_progress_bar=interactive)
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # PreemptionCallback owns requeue; Lightning's own handler would requeue a second time.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    kwargs = dict(callbacks=callbacks, logger=loggers or False, plugins=plugins, enable_progress_bar=interactive)
     if curriculum:
         # One stage = one epoch with its own loader; accumulation follows the stage.
         callbacks.append(CurriculumCallback(curriculum, str(Path(cfg.paths.run_dir) / "checkpoints")))

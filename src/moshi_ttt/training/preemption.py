@@ -1,0 +1,74 @@
+"""Preemption: checkpoint at a safe point and requeue, owned by one component (this one).
+
+SLURM sends SIGUSR1 some seconds before it stops a job (``--signal=SIGUSR1@90``). The signal
+handler only sets a flag; at the end of the next optimizer step every rank agrees on it (one
+scalar all-reduce), all ranks write ``last.ckpt`` together, rank 0 runs
+``scontrol requeue $SLURM_JOB_ID`` and training stops cleanly. The requeued job reruns the
+same command, whose ``run_name`` points at the same run directory, and resumes from that
+checkpoint. Lightning's own SLURM auto-requeue (which saves inside the signal handler) is
+disabled by ``train()`` so that exactly one component requeues.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import lightning as L
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def requeue_command() -> list[str] | None:
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID")
+    if not job or not re.fullmatch(r"[0-9_]+", job):
+        return None
+    return ["scontrol", "requeue", job]
+
+
+class PreemptionCallback(L.Callback):
+    def __init__(self, checkpoint_dir: str, signal_name: str = "SIGUSR1", requeue: bool = True):
+        self.checkpoint_dir = checkpoint_dir
+        self.signum = getattr(signal, signal_name)
+        self.requeue = requeue
+        self._flag = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self._flag = True  # async-signal-safe: the work happens at the next step boundary
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._previous = signal.signal(self.signum, self._handler)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _agreed(self, trainer) -> bool:
+        flag = torch.tensor([1.0 if self._flag else 0.0], device=trainer.strategy.root_device)
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.fit_loop._should_accumulate() and self._agreed(trainer):
+            path = Path(self.checkpoint_dir) / "last.ckpt"
+            trainer.save_checkpoint(path, weights_only=False)
+            if trainer.is_global_zero:
+                logger.warning("preemption signal: checkpoint written at step %d to %s", trainer.global_step, path)
+                cmd = requeue_command() if self.requeue else None
+                if cmd is None:
+                    logger.warning("not requeued (no SLURM job id, or requeue disabled)")
+                else:
+                    result = subprocess.run(cmd, capture_output=True, text=True)
+                    level = logging.INFO if result.returncode == 0 else logging.ERROR
+                    logger.log(level, "%s -> exit %d %s", " ".join(cmd), result.returncode, result.stderr.strip())
+            self._flag = False
+            trainer.should_stop = True
