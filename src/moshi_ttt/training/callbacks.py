@@ -134,3 +134,21 @@ class SampleLog(L.Callback):
         with open(os.path.join(self.dirpath, f"rank{trainer.global_rank}.txt"), "a") as f:
             for key in batch["key"]:
                 f.write(f"{trainer.global_step}\t{key}\n")
+
+
+class TTTHealthLogger(L.Callback):
+    """Logs every module's ``health()`` (TTT layers: fast-weight norm/mean/std, inner-lr stats,
+    gate, output/input ratio) as ``ttt/<layer>/<stat>`` every ``every_n_steps`` steps."""
+
+    def __init__(self, every_n_steps: int = 10):
+        self.every = max(1, every_n_steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every or trainer.fit_loop._should_accumulate():
+            return
+        for name, module in pl_module.model.named_modules():
+            health = getattr(module, "health", None)
+            if not callable(health):
+                continue
+            for key, value in health().items():
+                pl_module.log(f"ttt/{getattr(module, 'name', name)}/{key}", float(value), batch_size=1)

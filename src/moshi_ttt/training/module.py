@@ -20,6 +20,26 @@ logger = logging.getLogger(__name__)
 # Loss by position inside the sequence, in minutes (the long-memory question is "late" loss).
 POSITION_BUCKETS_MIN = ((0, 1), (1, 4), (4, 10), (10, 30))
 FRAME_RATE = 12.5
+# Dense bf16 peak FLOP/s by device name, for model-FLOPs utilisation (override: MOSHI_TTT_PEAK_FLOPS).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops() -> float | None:
+    import os
+
+    if os.environ.get("MOSHI_TTT_PEAK_FLOPS"):
+        return float(os.environ["MOSHI_TTT_PEAK_FLOPS"])
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_frame(counts: dict[str, int]) -> float:
+    """Matmul FLOPs per frame of a frozen-base fine-tune: forward 2N, backward 2N for activation
+    gradients through every weight plus 2N_trainable for weight gradients (attention scores
+    and embeddings ignored: an estimate that errs low)."""
+    return 4.0 * counts["total"] + 2.0 * counts["trainable"]
 
 
 @dataclass
@@ -118,6 +138,10 @@ class MoshiTTTModule(L.LightningModule):
             frames = B * T * self.trainer.world_size
             self.log("train/frames_per_s", frames / dt, batch_size=B)
             self.log("train/tokens_per_s", frames * 9 / dt, batch_size=B)  # moshi-finetune's count
+            peak = peak_flops()
+            if peak:
+                self.log("train/mfu", frames * flops_per_frame(self.param_counts) / dt / (peak * self.trainer.world_size),
+                         batch_size=B)
         self._t_last = now
         if "skipped" in batch:
             self.log("data/skipped_samples", batch["skipped"].max().float(), batch_size=B, reduce_fx="max")

@@ -130,6 +130,16 @@ def build_module(cfg: DictConfig, curriculum: Curriculum | None = None) -> Moshi
     )
 
 
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close the W&B run so its offline file is complete (``wandb sync``-able) when train returns."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if trainer.is_global_zero and any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
 def train(cfg: DictConfig) -> dict:
     """Validate, build, fit (resuming when a checkpoint exists); returns a summary."""
     _setup_logging()
@@ -151,6 +161,7 @@ def train(cfg: DictConfig) -> dict:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     ckpt = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    _finish_wandb(trainer)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     summary = {
