@@ -10,12 +10,12 @@ export PYTHONUNBUFFERED := 1
 # This clone's sources win over whatever checkout the shared venv's editable install points to.
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install demo test lint bench print-python
+.PHONY: install system-deps demo demo-data test lint bench print-python
 
 # Dependencies are installed once per pyproject hash. The editable link (for `python train.py`
 # outside make) is re-pointed only when the checkout it points to is gone, so a second clone
 # never steals it from a live one; make targets use PYTHONPATH above either way.
-install: $(MOSHI_TTT_VENV)/.deps-installed
+install: system-deps $(MOSHI_TTT_VENV)/.deps-installed
 	@if [ ! -d "$$(cat $(MOSHI_TTT_VENV)/.source-dir 2>/dev/null)/src/moshi_ttt" ]; then \
 	  $(PY) -m pip install -q --no-deps --no-build-isolation -e . && echo "$(CURDIR)" > $(MOSHI_TTT_VENV)/.source-dir; \
 	fi
@@ -28,7 +28,28 @@ $(MOSHI_TTT_VENV)/.deps-installed: pyproject.toml
 	@echo "$(CURDIR)" > $(MOSHI_TTT_VENV)/.source-dir
 	@touch $@
 
-demo: install
+# espeak-ng (a Debian package) speaks the embedded demo dialogues; installed when missing.
+system-deps:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  echo "espeak-ng not found: installing it with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng >/dev/null; }
+
+DEMO_DATA := data/generated/demo
+DATA_SRC := $(addprefix src/moshi_ttt/data/,audio.py alignment.py codec.py prepare.py dialogue.py espeak.py \
+	demo_dataset.py recall.py shards.py)
+
+demo-data: $(DEMO_DATA)/dataset.json
+
+# The embedded default dataset: espeak-ng dialogues -> tiny Mimi + tiny tokenizer -> shards,
+# plus a token-level long-range recall set (~40 s on 2 cores).
+$(DEMO_DATA)/dataset.json: $(DATA_SRC) | install
+	rm -rf $(DEMO_DATA)
+	$(PY) -m moshi_ttt.data.demo_dataset $(DEMO_DATA) --no-progress
+	$(PY) -m moshi_ttt.data.recall tokens $(DEMO_DATA)/recall --num-samples 64 \
+	  --context-frames 250 --beyond-seconds 10 --card 64 --text-card 64
+
+demo: install demo-data
 	$(PY) train.py experiment=demo
 
 test: install

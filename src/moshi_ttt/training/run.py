@@ -175,4 +175,38 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         logger.info("done: %d steps, train/loss %.4f, checkpoints in %s", trainer.global_step,
                     metrics.get("train/loss", float("nan")), summary["checkpoint_dir"])
+        print(format_summary(summary, curriculum), flush=True)
     return summary
+
+
+def format_summary(summary: dict, curriculum: Curriculum | None = None) -> str:
+    """What the run did and where its outputs are, for the end of a log."""
+    from moshi_ttt.training.metrics_io import read_csv_metrics
+    from moshi_ttt.training.wandb_offline import find_offline_runs
+
+    run_dir = Path(summary["run_dir"])
+    lines = ["", "=" * 72, f"moshi-ttt run '{run_dir.name}': {summary['global_step']} optimizer steps"
+             + (f" (resumed from {summary['resumed_from']})" if summary["resumed_from"] else "")]
+    counts = summary.get("param_counts") or {}
+    if counts:
+        lines.append(f"  parameters: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen")
+    loss = read_csv_metrics(run_dir).get("train/loss", {})
+    if curriculum:
+        start = 0
+        for stage in curriculum.stages:
+            steps = [s for s in loss if start <= s < start + stage.steps]
+            if steps:
+                lines.append(f"  stage {stage.name:>8}: {stage.frames:>6} frames x {stage.steps} steps, train/loss "
+                             f"{loss[min(steps)]:.3f} -> {loss[max(steps)]:.3f}")
+            start += stage.steps
+    elif loss:
+        lines.append(f"  train/loss {loss[min(loss)]:.3f} (step {min(loss)}) -> {loss[max(loss)]:.3f} (step {max(loss)})")
+    val = {k: v for k, v in summary["metrics"].items() if k.startswith("val/") and k.endswith("loss")}
+    if "val/loss" in val:
+        lines.append(f"  val/loss {val['val/loss']:.3f}")
+    lines += [f"  run directory : {run_dir}", f"  checkpoints   : {summary['checkpoint_dir']}",
+              f"  metrics (CSV) : {run_dir / 'csv'}", f"  config        : {run_dir / 'config.yaml'}"]
+    for wb in find_offline_runs(run_dir):
+        lines.append(f"  W&B (offline): wandb sync {wb.parent}")
+    lines.append("=" * 72)
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""The token-level long-range recall set: spans, delays and cues are what meta.json says they are."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from moshi_ttt.data.recall import TokenRecallSpec, delay_frames_for, main, write_token_recall_shards
+from moshi_ttt.data.shards import ShardIndex, decode_codes, iter_shard_samples, resolve_shards
+from moshi_ttt.data.stream import TokenSequenceDataset
+
+
+def read(out_dir):
+    out = []
+    for url in resolve_shards(out_dir):
+        for raw in iter_shard_samples(url, lambda exn: (_ for _ in ()).throw(exn)):
+            out.append((decode_codes(raw["codes.npy"]), json.loads(raw["meta.json"])))
+    return out
+
+
+def test_delay_beyond_the_attention_window():
+    assert delay_frames_for(context_frames=3000, beyond_seconds=10) == 3125
+    assert delay_frames_for(delay_seconds=60) == 750
+    with pytest.raises(ValueError):
+        delay_frames_for(delay_seconds=60, context_frames=3000)
+    with pytest.raises(ValueError):
+        delay_frames_for()
+
+
+def test_token_recall_meta_is_consistent(tmp_path):
+    spec = TokenRecallSpec(delay_frames=delay_frames_for(context_frames=200, beyond_seconds=4))
+    index = write_token_recall_shards(tmp_path, num_samples=12, spec=spec, seed=3, samples_per_shard=5)
+    assert len(index.shards) == 3 and index.total_samples == 12
+    assert ShardIndex.load(tmp_path).extra["recall"]["delay_frames"] == 250
+    samples = read(tmp_path)
+    cues = set()
+    for codes, meta in samples:
+        (f0, f1), (r0, r1) = meta["fact_span"], meta["recall_span"]
+        assert codes.shape == (17, meta["frames"]) and meta["frames"] == r1 + spec.tail_frames
+        assert f1 - f0 == r1 - r0 == spec.fact_frames
+        assert meta["delay_frames"] == r0 - f1 == 250 > 200  # the fact has left a 200-frame window
+        np.testing.assert_array_equal(codes[:, f0:f1], codes[:, r0:r1])  # text and all 16 codebooks
+        assert codes[0, f0:f1].tolist() == meta["fact_text"]
+        assert set(codes[0, f0:f1:2].tolist()).isdisjoint({0, 3})  # fact words are real words
+        assert codes[0, f0 - 1] == 0  # end-of-padding just before the fact's first word
+        c0, c1 = meta["recall_cue_span"]
+        assert c1 == r0 and c1 - c0 == spec.cue_frames
+        cues.add((codes[:, slice(*meta["fact_cue_span"])].tobytes(), codes[:, c0:c1].tobytes()))
+        assert codes.min() >= 0 and codes[1:].max() < spec.card and codes[0].max() < spec.text_card
+    assert len(cues) == 1  # the cues are the same in every sample ...
+    assert len({codes[0, slice(*m["fact_span"])].tobytes() for codes, m in samples}) == len(
+        samples
+    )  # facts differ
+    assert len({m["fact_span"][0] for _, m in samples}) > 1  # ... and the fact's position varies
+
+
+def test_token_recall_set_is_deterministic_and_readable_by_the_training_reader(tmp_path):
+    spec = TokenRecallSpec(delay_frames=100)
+    write_token_recall_shards(tmp_path / "a", 6, spec, seed=1, samples_per_shard=3)
+    write_token_recall_shards(tmp_path / "b", 6, spec, seed=1, samples_per_shard=3)
+    for (ca, ma), (cb, mb) in zip(read(tmp_path / "a"), read(tmp_path / "b"), strict=True):
+        np.testing.assert_array_equal(ca, cb)
+        assert ma == mb
+    ds = TokenSequenceDataset(tmp_path / "a", seq_len=64, random_crop=False)
+    batch = next(iter(DataLoader(ds, batch_size=2, num_workers=0)))
+    assert batch["codes"].shape == (2, 17, 64) and batch["skipped"].sum() == 0
+
+
+def test_cli_and_bad_layouts(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "tokens",
+                str(tmp_path / "r"),
+                "--num-samples",
+                "3",
+                "--context-frames",
+                "50",
+                "--beyond-seconds",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert "delay 75 frames" in capsys.readouterr().out
+    assert all(m["delay_frames"] == 75 for _, m in read(tmp_path / "r"))
+    with pytest.raises(ValueError, match="cue"):
+        write_token_recall_shards(tmp_path / "x", 1, TokenRecallSpec(delay_frames=2, cue_frames=4))
+    with pytest.raises(ValueError, match="text_card"):
+        write_token_recall_shards(tmp_path / "x", 1, TokenRecallSpec(delay_frames=20, text_card=4))
