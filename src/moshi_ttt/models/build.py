@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from moshi.models.lm import LMModel
 
+from moshi_ttt.models.insert import install_ttt
 from moshi_ttt.models.loading import MoshiSourceConfig, load_base_moshi
 from moshi_ttt.models.lora import apply_lora
 
@@ -20,16 +21,43 @@ def source_config(model_cfg: Mapping) -> MoshiSourceConfig:
 
 
 def build_model(model_cfg: Mapping, ttt_cfg: Mapping | None = None) -> LMModel:
-    """The base from its source with every base weight frozen, then LoRA and TTT on top."""
+    """The base from its source with every base weight frozen, then LoRA, linear-cost attention
+    and the TTT variant on top (only LoRA and TTT parameters require gradients)."""
     model = load_base_moshi(source_config(model_cfg))
     lora = model_cfg.get("lora") or {}
     n = apply_lora(model, int(lora.get("rank", 0)), float(lora.get("scaling", 2.0)),
                    str(lora.get("modules", "transformer")))
     if n:
         logger.info("LoRA rank %d on %d linear layers", int(lora["rank"]), n)
-    variant = (ttt_cfg or {}).get("variant", "none")
-    if variant != "none":
-        raise ValueError(f"ttt.variant={variant!r} is not available in this build (only 'none')")
+    install_ttt(model, ttt_cfg)
     if model_cfg.get("gradient_checkpointing"):
         model.transformer.checkpointing = True
     return model
+
+
+def load_exported(export_dir, base: Mapping | None = None, device: str | None = None) -> LMModel:
+    """The full model for inference (LMGen) from the base checkpoint plus an exported directory.
+
+    ``base`` overrides the recorded base-model source (e.g. ``{"source": "dir", "path": ...}``
+    on a machine where the hub is not reachable)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    export_dir = Path(export_dir)
+    meta = json.loads((export_dir / "config.json").read_text())
+    model_cfg = {**meta["model"], **(base or {})}
+    if device is not None:
+        model_cfg["device"] = device
+    model = build_model(model_cfg, meta["ttt"])
+    state = load_file(str(export_dir / "ttt_weights.safetensors"), device=model_cfg.get("device", "cpu"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise ValueError(f"{export_dir}: weights do not match the configured adapters (missing "
+                         f"{sorted(trainable - set(state))[:3]}, unexpected {sorted(set(state) - trainable)[:3]})")
+    dtype = next(model.parameters()).dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

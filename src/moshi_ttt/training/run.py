@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
@@ -152,6 +153,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule.validate()
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    # Subnormal floats take a ~100x slower path on x86 CPUs; decaying fast-weight updates hit it.
+    torch.set_flush_denormal(True)
     module = build_module(cfg, curriculum)
     trainer = build_trainer(cfg, curriculum)
     if trainer.is_global_zero:

@@ -1,0 +1,137 @@
+"""Where TTT goes inside Moshi's temporal transformer: the variants of the design.
+
+- ``pre_attention``: ``x <- x + TTT(norm(x))`` before the layer; TTT sees the raw residual
+  stream before attention can lose anything. Attention unchanged.
+- ``post_attention``: TTT on the stream after the attention block, as in the video model and
+  the failed port. Kept as a baseline: it only sees what attention kept.
+- ``hybrid``: local attention over the last W frames in parallel with a TTT branch over the
+  whole history, mixed per channel as ``alpha * attn + (1 - alpha) * ttt``.
+- ``cache_replacement``: see ``cache_replacement.py`` (the layer's own keys/values that leave a
+  short window are written into a TTT memory that the queries read).
+
+Each wrapped layer is a moshi ``StreamingModule``, so ``lm.streaming(B)`` (and LMGen) gives it
+a per-sample TTT state that is carried across steps and reset per conversation; a training
+forward starts every sample from the learned initial fast weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from moshi.modules.streaming import State, StreamingModule
+from moshi.modules.transformer import StreamingTransformerLayer, create_norm_fn
+from torch import nn
+
+from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTState
+
+VARIANTS = ("none", "pre_attention", "post_attention", "hybrid", "cache_replacement")
+PLACEMENTS = ("pre_attention", "post_attention", "hybrid")
+
+
+@dataclass
+class _TTTStreamState(State):
+    ttt: TTTState | None = None
+    make_fresh: object = field(default=None, repr=False)
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        if self.ttt is not None:
+            self.ttt = self.ttt.reset(reset_mask)
+
+
+class TTTWrappedLayer(StreamingModule[_TTTStreamState]):
+    """A moshi transformer layer with a TTT layer placed before, after or beside its attention.
+
+    The moshi layer stays a child (``.layer``) and runs its own blocks; only their order and the
+    TTT branch are added here. ``ttt_enabled=False`` bypasses the branch (the "is TTT used?"
+    diagnostic compares the two).
+    """
+
+    def __init__(self, layer: StreamingTransformerLayer, placement: str, ttt_config: TTTConfig, dim: int,
+                 name: str, norm: str = "rms_norm_f32", alpha_init: float = 0.8):
+        super().__init__()
+        if placement not in PLACEMENTS:
+            raise ValueError(f"ttt.variant={placement!r}: a wrapped layer is one of {PLACEMENTS}")
+        if placement == "hybrid" and layer.skip_self_attn:
+            raise ValueError(f"{name}: hybrid needs a layer with self-attention")
+        self.layer = layer
+        self.placement = placement
+        self.name = name
+        self.ttt = TTTLayer(ttt_config, dim, name=name)
+        # pre/post read a normalised stream through their own (trainable) norm; hybrid shares
+        # the attention's input norm so both branches see the same thing.
+        self.ttt_norm = create_norm_fn(norm, dim) if placement != "hybrid" else None
+        if placement == "hybrid":
+            if not 0.0 < alpha_init < 1.0:
+                raise ValueError(f"ttt.hybrid_alpha_init={alpha_init} must be in (0, 1)")
+            logit = torch.logit(torch.tensor(float(alpha_init)))
+            self.alpha_logit = nn.Parameter(torch.full((dim,), float(logit)))
+        self.ttt_enabled = True
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha_logit)
+
+    def _init_streaming_state(self, batch_size: int) -> _TTTStreamState:
+        device = self.ttt.gate_alpha.device
+        return _TTTStreamState(batch_size, device, ttt=self.ttt.init_state(batch_size, device))
+
+    def _ttt(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._streaming_state
+        update, new_state = self.ttt(x, state.ttt if state is not None else None)
+        if state is not None:
+            state.ttt = new_state
+        return update
+
+    def _advance_layer_offset(self, T: int) -> None:
+        # moshi's layer counts its streamed steps in forward(); we call its blocks directly.
+        layer_state = self.layer._streaming_state
+        if layer_state is not None:
+            layer_state.offset_cpu += T
+
+    def forward(self, x: torch.Tensor, cross_attention_src: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.ttt_enabled:
+            if self.placement == "hybrid":
+                return self._hybrid(x, use_ttt=False)
+            return self.layer(x, cross_attention_src)
+        if self.placement == "pre_attention":
+            x = x + self._ttt(self.ttt_norm(x))
+            return self.layer(x, cross_attention_src)
+        if self.placement == "post_attention":
+            if cross_attention_src is not None:
+                raise ValueError(f"{self.name}: post_attention does not support cross-attention layers")
+            x = self.layer._sa_block(x)
+            x = x + self._ttt(self.ttt_norm(x))
+            x = self.layer._ff_block(x)
+            self._advance_layer_offset(x.shape[1])
+            return x
+        return self._hybrid(x, use_ttt=True)
+
+    def _hybrid(self, x: torch.Tensor, use_ttt: bool) -> torch.Tensor:
+        layer = self.layer
+        h = layer.norm1(x)
+        attn = layer.self_attn(h, h, h)
+        if use_ttt:
+            alpha = self.alpha.to(attn.dtype)
+            mixed = alpha * attn + (1 - alpha) * self._ttt(h).to(attn.dtype)
+        else:
+            mixed = attn
+        x = x.to(mixed) + layer.layer_scale_1(mixed)
+        x = layer._ff_block(x)
+        self._advance_layer_offset(x.shape[1])
+        return x
+
+    def configure_for_stage(self, ttt_mini_batch_size: int | None = None, window: int | None = None) -> None:
+        if ttt_mini_batch_size is not None and ttt_mini_batch_size != self.ttt.memory.mini_batch_size:
+            raise ValueError(
+                f"{self.name}: a curriculum stage asks for TTT mini-batch {ttt_mini_batch_size}, the layer was "
+                f"built with {self.ttt.memory.mini_batch_size} (the per-position learning rates are sized by it); "
+                "set ttt.layer.mini_batch_size to the same value"
+            )
+
+    def health(self) -> dict[str, float]:
+        stats = self.ttt.health()
+        if self.placement == "hybrid":
+            stats["alpha_mean"] = float(self.alpha.mean())
+        return stats

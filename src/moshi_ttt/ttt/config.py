@@ -1,0 +1,81 @@
+"""The settings of one TTT layer, validated up front so a bad value fails before any compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INNER_MODELS = ("linear", "mlp")
+DEFAULT_MINI_BATCH = {"linear": 16, "mlp": 64}
+
+
+@dataclass
+class TTTConfig:
+    """Hyper-parameters of a multi-head TTT layer (Sun et al., 2024, with the video-TTT guards).
+
+    Field names are the keys of the Hydra ``ttt`` group, so errors name them as ``ttt.<field>``.
+    """
+
+    num_heads: int = 4
+    #: Width of one head; ``None`` means ``dim // num_heads`` of the layer it is built into.
+    head_dim: int | None = None
+    #: Inner model: ``linear`` (W, b) or ``mlp`` (W1, b1, GELU, W2, b2), each as f(x) = x + LN(g(x)).
+    inner: str = "linear"
+    #: Hidden width of the MLP inner model, as a multiple of head_dim.
+    mlp_expansion: int = 4
+    #: Tokens per inner gradient step; ``None`` picks 16 for linear and 64 for MLP (the paper's values).
+    mini_batch_size: int | None = None
+    #: eta = base_lr * sigmoid(x . w + b) / head_dim, then clamped to [eta_min, eta_max].
+    base_lr: float = 1.0
+    eta_min: float = 0.0
+    eta_max: float = 1.0
+    #: Learnable offsets on the 1/(i+1) weights of position i inside a mini-batch.
+    per_position_lr: bool = True
+    #: The output is tanh(alpha) * TTT(x) with alpha per channel starting here, so Moshi starts near itself.
+    gate_init: float = 0.1
+    #: A learned output projection initialised at zero; without it num_heads * head_dim must equal dim.
+    output_proj: bool = True
+    #: L2-normalise XQ and XK per head (keeps the inner gradient bounded whatever the input scale).
+    qk_l2_norm: bool = True
+    #: Max Frobenius norm of each fast-weight tensor per sample and head after an update; None = off.
+    weight_norm_clip: float | None = None
+    #: Mini-batches per gradient-checkpoint group of the scan; 0 = no checkpointing (needed only
+    #: for a double backward through the layer; costs activation memory linear in T).
+    checkpoint_group_size: int = 16
+    #: Raise an error naming the layer and the position as soon as an output or fast weight is NaN/Inf.
+    nan_guard: bool = True
+    #: Std of the normal init of projections and initial fast weights.
+    init_std: float = 0.02
+    #: Epsilon of the per-head LayerNorm inside f.
+    ln_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.inner not in INNER_MODELS:
+            raise ValueError(f"ttt.inner={self.inner!r} must be one of {INNER_MODELS}")
+        if self.mini_batch_size is None:
+            self.mini_batch_size = DEFAULT_MINI_BATCH[self.inner]
+        checks = {
+            "num_heads": self.num_heads >= 1,
+            "head_dim": self.head_dim is None or self.head_dim >= 1,
+            "mlp_expansion": self.mlp_expansion >= 1,
+            "mini_batch_size": self.mini_batch_size >= 1,
+            "base_lr": self.base_lr > 0,
+            "eta_min": 0 <= self.eta_min <= self.eta_max,
+            "eta_max": self.eta_max > 0,
+            "weight_norm_clip": self.weight_norm_clip is None or self.weight_norm_clip > 0,
+            "checkpoint_group_size": self.checkpoint_group_size >= 0,
+            "init_std": self.init_std >= 0,
+            "ln_eps": self.ln_eps > 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"ttt.{key}={getattr(self, key)!r} is out of range")
+
+    def resolve_head_dim(self, dim: int) -> int:
+        """The head width inside a layer of model width ``dim``."""
+        if self.head_dim is not None:
+            return self.head_dim
+        if dim % self.num_heads:
+            raise ValueError(
+                f"ttt.num_heads={self.num_heads} does not divide the model dim {dim}; set ttt.head_dim"
+            )
+        return dim // self.num_heads

@@ -1,0 +1,162 @@
+"""The fast-weight memory as a module: learned initial weights, inner LayerNorm, learning rates.
+
+``TTTMemory`` knows nothing about where its queries, keys and values come from: ``TTTLayer``
+projects them from one stream (self-read, ``read_lag=0``), and a cache-replacement variant can
+write the keys/values that leave its attention window and read with its own queries at a lag.
+Its forward takes a chunk of any length plus the state, and the outputs do not depend on how
+a stream is cut into chunks: buffered tokens are prepended, so the scan always starts on a
+mini-batch boundary, and only the mini-batches no later read needs intact are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from moshi_ttt.ttt.config import TTTConfig
+from moshi_ttt.ttt.inner import make_inner
+from moshi_ttt.ttt.scan import ttt_scan
+from moshi_ttt.ttt.state import TTTState
+
+Tensor = torch.Tensor
+
+
+def inner_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The inner loop accumulates in fp32 (fp64 stays fp64), whatever the autocast dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class TTTMemory(nn.Module):
+    """H heads of fast weights trained on xk -> xv and read with xq.
+
+    Parameters: the initial fast weights (``initial``), the per-head LayerNorm of
+    f(x) = x + LN(g(x)), and (``per_position_lr``) offsets on the 1/(i+1) position factors.
+    """
+
+    def __init__(self, config: TTTConfig, head_dim: int, read_lag: int = 0):
+        super().__init__()
+        if read_lag < 0:
+            raise ValueError(f"read_lag={read_lag} must be >= 0")
+        self.config = config
+        self.head_dim = head_dim
+        self.read_lag = read_lag
+        self.mini_batch_size = int(config.mini_batch_size)
+        self.inner = make_inner(config.inner, head_dim, config.mlp_expansion)
+        H = config.num_heads
+        self.initial = nn.ParameterDict(
+            {k: nn.Parameter(v) for k, v in self.inner.init_weights(H, config.init_std).items()}
+        )
+        self.ln_weight = nn.Parameter(torch.ones(H, head_dim))
+        self.ln_bias = nn.Parameter(torch.zeros(H, head_dim))
+        self.token_bias = nn.Parameter(torch.zeros(self.mini_batch_size)) if config.per_position_lr else None
+
+    def token_eta(self, device=None, dtype=torch.float32) -> Tensor:
+        """[b] factor of position i in a mini-batch: 1/(i+1) (+ learned offset, kept >= 0)."""
+        base = 1.0 / torch.arange(1, self.mini_batch_size + 1, device=device, dtype=dtype)
+        if self.token_bias is None:
+            return base
+        return (base + self.token_bias.to(dtype)).clamp_min(0.0)
+
+    def eta(self, logits: Tensor) -> Tensor:
+        """Per-token, per-head learning rate from gate logits: base_lr * sigmoid / head_dim, clamped."""
+        c = self.config
+        return (c.base_lr * torch.sigmoid(logits) / self.head_dim).clamp(c.eta_min, c.eta_max)
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> TTTState:
+        """Every sample at the learned initial weights, nothing buffered."""
+        return TTTState.fresh(
+            dict(self.initial.items()), batch_size, self.head_dim, device, inner_dtype(dtype)
+        )
+
+    def forward(
+        self, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, state: TTTState | None = None
+    ) -> tuple[Tensor, TTTState]:
+        """Read xq [B, H, T, d] and write (xk, xv) [B, H, T, d] with learning rates lr [B, H, T].
+
+        Returns the reads xq + LN(g(xq; W)) [B, H, T, d] (fp32, or fp64 for fp64 inputs) and the
+        new state. Autocast is off inside: the fast weights and their updates stay in fp32.
+        """
+        B, _, T, _ = xk.shape
+        dtype = inner_dtype(xk.dtype)
+        with torch.autocast(device_type=xk.device.type, enabled=False):
+            xq, xk, xv, lr = (t.to(dtype) for t in (xq, xk, xv, lr))
+            if state is None:
+                state = self.init_state(B, xk.device, dtype)
+            if state.batch_size != B:
+                raise ValueError(f"TTT state holds {state.batch_size} samples, input has {B}")
+            by_length: dict[int, list[int]] = {}
+            for i, n in enumerate(state.lengths):
+                by_length.setdefault(n, []).append(i)
+            if len(by_length) == 1:
+                out, new = self._run(state, xq, xk, xv, lr)
+            else:  # samples reset mid-stream sit at other mini-batch phases: one scan per phase
+                order = [i for idx in by_length.values() for i in idx]
+                parts = []
+                for idx in by_length.values():
+                    t = torch.tensor(idx, device=xk.device)
+                    sel = (x.index_select(0, t) for x in (xq, xk, xv, lr))
+                    parts.append(self._run(state.select(idx), *sel))
+                inverse = torch.argsort(torch.tensor(order)).tolist()
+                out = torch.cat([p[0] for p in parts]).index_select(
+                    0, torch.tensor(inverse, device=xk.device)
+                )
+                new = TTTState.cat([p[1] for p in parts]).select(inverse)
+        return out, replace(new, positions=tuple(p + T for p in state.positions))
+
+    def _run(
+        self, state: TTTState, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor
+    ) -> tuple[Tensor, TTTState]:
+        """One scan for samples that share a buffer length (so mini-batch boundaries line up)."""
+        n = state.lengths[0]
+        if n:
+            xk = torch.cat([state.buf_k[:, :, :n], xk], dim=2)
+            xv = torch.cat([state.buf_v[:, :, :n], xv], dim=2)
+            lr = torch.cat([state.buf_lr[:, :, :n], lr], dim=2)
+        N, b, c = xk.shape[2], self.mini_batch_size, self.config
+        # Mini-batches the next query's read no longer needs unwritten: all complete ones for
+        # lag 0 and 1, all but the last lag-1 complete ones for a longer lag.
+        num_commit = max(0, N // b - max(self.read_lag, 1) + 1)
+        dtype = xk.dtype
+        out, weights = ttt_scan(
+            self.inner,
+            {k: w.to(dtype) for k, w in state.weights.items()},
+            xq,
+            xk,
+            xv,
+            lr,
+            self.token_eta(xk.device, dtype),
+            self.ln_weight.to(dtype),
+            self.ln_bias.to(dtype),
+            mini_batch_size=b,
+            read_lag=self.read_lag,
+            query_start=n,
+            num_commit=num_commit,
+            weight_clip=c.weight_norm_clip,
+            checkpoint_group_size=c.checkpoint_group_size,
+            ln_eps=c.ln_eps,
+        )
+        keep = num_commit * b
+        new = replace(
+            state,
+            weights=weights,
+            buf_k=xk[:, :, keep:],
+            buf_v=xv[:, :, keep:],
+            buf_lr=lr[:, :, keep:],
+            lengths=(N - keep,) * xk.shape[0],
+        )
+        return out, new
+
+    @torch.no_grad()
+    def weight_stats(self, state: TTTState) -> dict[str, Tensor]:
+        """Fast-weight matrix statistics of a state (0-dim tensors; no device sync here)."""
+        mats = [w.float() for k, w in state.weights.items() if k.startswith("W")]
+        sq = sum(m.flatten(2).pow(2).sum(-1) for m in mats)  # [B, H]
+        flat = torch.cat([m.flatten() for m in mats])
+        return {
+            "fast_weight_norm": sq.sqrt().mean(),
+            "fast_weight_norm_max": sq.sqrt().max(),
+            "fast_weight_mean": flat.mean(),
+            "fast_weight_std": flat.std(),
+        }

@@ -1,0 +1,124 @@
+"""The TTT variants inside Moshi: starting point, "is TTT used", streaming (LMGen) == training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from moshi.models.lm import LMGen
+
+from moshi_ttt.models import MoshiSourceConfig, load_base_moshi
+from moshi_ttt.models.insert import install_ttt, selected_layers, set_ttt_enabled
+
+VARIANTS = ["pre_attention", "post_attention", "hybrid", "cache_replacement"]
+
+
+def _model(kw, variant, window=16, context=64, seed=0):
+    kw = {**kw, "context": context}
+    base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs=kw, seed=seed))
+    model = copy.deepcopy(base)
+    install_ttt(model, {"variant": variant, "layers": [0, -1], "window": window,
+                        "layer": {"mini_batch_size": 4, "num_heads": 4}})
+    return base, model
+
+
+def _open_gates(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _codes(kw, B=2, T=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, kw["card"], (B, 17, T), generator=g)
+    codes[:, 0] = torch.randint(0, kw["text_card"], (B, T), generator=g)
+    return codes
+
+
+def test_layer_selection():
+    assert selected_layers({}, 32) == [29, 30, 31]
+    assert selected_layers({"layers": [24, -1]}, 32) == [24, 31]
+    with pytest.raises(ValueError, match="ttt.layers"):
+        selected_layers({"layers": [40]}, 32)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_closed_gates_equal_the_base_and_open_gates_differ(tiny_lm_kwargs, variant):
+    # A window as long as the sequence: with TTT closed the model is the frozen base.
+    base, model = _model(tiny_lm_kwargs, variant, window=64)
+    if variant == "hybrid":
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "alpha_logit"):
+                    m.alpha_logit.fill_(30.0)  # alpha = 1: attention only
+    codes = _codes(tiny_lm_kwargs)
+    with torch.no_grad():
+        ref = base(codes).logits.nan_to_num()
+        out = model(codes).logits.nan_to_num()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        _open_gates(model)
+        for m in model.modules():
+            if hasattr(m, "alpha_logit"):
+                m.alpha_logit.zero_()  # alpha = 0.5: half attention, half TTT
+        used = model(codes).logits.nan_to_num()
+        assert (used - ref).abs().max() > 1e-3  # TTT is used
+        set_ttt_enabled(model, False)
+        off = model(codes).logits.nan_to_num()
+    if variant == "hybrid":
+        assert (off - used).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(off, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["none", *VARIANTS])
+def test_lmgen_streaming_equals_training_forward(tiny_lm_kwargs, variant):
+    """LMGen, one frame per step (user and Moshi audio teacher-forced), gives per frame the same
+    text logits and transformer outputs as the training forward over the same input tokens."""
+    _, model = _model(tiny_lm_kwargs, variant, window=8, context=24)
+    _open_gates(model)
+    B, steps = 2, 40
+    codes = _codes(tiny_lm_kwargs, B=B, T=steps, seed=3)
+    inputs, outs = [], []
+    original = model.forward_text
+
+    def recording_forward_text(seq, *args, **kwargs):
+        out = original(seq, *args, **kwargs)
+        inputs.append(seq.clone())
+        outs.append(tuple(o.clone() for o in out))
+        return out
+
+    model.forward_text = recording_forward_text
+    gen = LMGen(model, use_sampling=False)
+    with torch.no_grad(), gen.streaming(B):
+        for t in range(steps):
+            gen.step(codes[:, 9:17, t : t + 1], depformer_replace_tokens=codes[:, 1:9, t : t + 1])
+    del model.forward_text
+    seq = torch.cat(inputs, dim=2)
+    with torch.no_grad():
+        full_out, full_logits = model.forward_text(seq)
+    stream_out = torch.cat([o[0] for o in outs], dim=1)
+    stream_logits = torch.cat([o[1] for o in outs], dim=2)
+    torch.testing.assert_close(stream_out, full_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(stream_logits, full_logits, atol=2e-5, rtol=1e-4)
+
+
+def test_reset_streaming_restarts_the_memory(tiny_lm_kwargs):
+    _, model = _model(tiny_lm_kwargs, "pre_attention")
+    _open_gates(model)
+    x = torch.randn(2, 12, tiny_lm_kwargs["dim"])
+    with torch.no_grad(), model.transformer.streaming(2):
+        first = torch.cat([model.transformer(x[:, t : t + 1]) for t in range(12)], 1)
+        model.transformer.reset_streaming(torch.tensor([True, False]))
+        again = torch.cat([model.transformer(x[:, t : t + 1]) for t in range(12)], 1)
+    torch.testing.assert_close(again[0], first[0], atol=1e-6, rtol=0)  # sample 0 starts over
+    assert (again[1] - first[1]).abs().max() > 1e-4  # sample 1 carries its history
+
+
+def test_only_ttt_parameters_train(tiny_lm_kwargs):
+    _, model = _model(tiny_lm_kwargs, "cache_replacement")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(any(k in n for k in ("memory.", "lr_proj", "read_norm", "read_proj", "gate_alpha"))
+                         for n in names)
