@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # This clone's sources win over whatever checkout the shared venv's editable install points to.
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install system-deps demo demo-data test lint bench print-python
+.PHONY: install system-deps demo demo-data memory-proof test lint bench print-python
 
 # Dependencies are installed once per pyproject hash. The editable link (for `python train.py`
 # outside make) is re-pointed only when the checkout it points to is gone, so a second clone
@@ -52,6 +52,10 @@ $(DEMO_DATA)/dataset.json: $(DATA_SRC) | install
 demo: install demo-data
 	$(PY) train.py experiment=demo
 
+# The headline experiment: can each TTT variant recall a fact beyond the attention window?
+memory-proof: install demo-data
+	$(PY) -m moshi_ttt.memory_proof --out outputs/memory_proof
+
 test: install
 	$(PY) -m pytest -q tests
 
@@ -61,6 +65,7 @@ lint: install
 bench: install
 	$(PY) bench/ttt_layer.py
 	$(PY) bench/long_sequence.py
+	$(PY) bench/data.py
 
 print-python:
 	@echo $(PY)

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from moshi.models.loaders import _lm_kwargs, get_moshi_lm  # noqa: E402
 
 from moshi_ttt.models.attention import install_local_attention  # noqa: E402
+from moshi_ttt.models.insert import install_ttt  # noqa: E402
 from moshi_ttt.training.loss import LossConfig, moshi_loss  # noqa: E402
 
 LENGTHS = (188, 750, 3750, 7500, 22500)
@@ -79,6 +80,17 @@ def build_local(window: int) -> Callable[[dict, str, torch.dtype], torch.nn.Modu
     return build
 
 
+def build_ttt(variant: str, **ttt) -> Callable[[dict, str, torch.dtype], torch.nn.Module]:
+    """The product's TTT variant (last layer, moshi_ttt.models.install_ttt) on linear-cost attention;
+    its TTT parameters train, as in a real run."""
+    def build(lm_kwargs: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
+        lm = build_vanilla(lm_kwargs, device, dtype)
+        install_ttt(lm, {"variant": variant, "layers": [-1], "attention_window": 3000, **ttt})
+        return lm.train()
+
+    return build
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -90,6 +102,11 @@ VARIANTS: list[Variant] = [
     Variant("vanilla moshi (dense mask)", build_vanilla, max_frames=7500),
     Variant("local W=3000 (ttt=none)", build_local(3000)),
     Variant("local W=256", build_local(256)),
+    Variant("ttt=pre_attention", build_ttt("pre_attention")),
+    Variant("ttt=post_attention", build_ttt("post_attention")),
+    Variant("ttt=hybrid W=256", build_ttt("hybrid", window=256)),
+    Variant("ttt=cache_replacement W=256 (all layers)",
+            build_ttt("cache_replacement", window=256, layers=[0, 1, 2, 3])),
 ]
 BASELINE = VARIANTS[0].name
 

@@ -30,6 +30,10 @@ def build_model(model_cfg: Mapping, ttt_cfg: Mapping | None = None) -> LMModel:
     if n:
         logger.info("LoRA rank %d on %d linear layers", int(lora["rank"]), n)
     install_ttt(model, ttt_cfg)
+    if model_cfg.get("train_base"):
+        # Pretraining a (tiny) base from scratch, e.g. for the memory experiment: everything trains.
+        for p in model.parameters():
+            p.requires_grad_(True)
     if model_cfg.get("gradient_checkpointing"):
         model.transformer.checkpointing = True
     return model
