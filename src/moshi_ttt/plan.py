@@ -35,7 +35,7 @@ width, ``W`` world size, ``Psi`` trainable parameters):
     temporal layer   ``S = 16 D + a (5 D + 3 H) + 4 hd + 8`` (+ LoRA: ``a (3 D + H) + 4 a r``)
     depformer layer  ``16 Dd + a (4 Dd + 3 Hd) + a dep_q + 4 heads_d + 8`` per depformer token
                      (``dep_q`` tokens per frame)
-    TTT layer        ``(12 + a) D + 36 I`` per token (I = heads x head_dim, fp32 scan streams),
+    TTT layer        ``(12 + 2 a) D + (28 + 2 a) I`` per token (I = heads x head_dim),
                      plus one fp32 fast-weight copy per scan checkpoint group:
                      ``ceil(ceil(T / b) / G) x heads x fast_weight_size x 4`` per sample
                      (every one of the ``ceil(T / b)`` steps' weights when ``G = 0``).
@@ -577,10 +577,11 @@ def depformer_layer_saved(D: int, H: int, dep_q: int, heads: int, a: int, lora_r
 
 
 def ttt_saved(D: int, inner_width: int, a: int) -> int:
-    """Bytes a TTT layer's token streams save per token: its fp32 input norm 8 D, the fp32
-    learning-rate projection input 4 D, the projections' input a D, and 36 I of fp32 streams
-    (q, k, v, their normalised and mini-batch-blocked copies, the read and its LayerNorm)."""
-    return (12 + a) * D + 36 * inner_width
+    """Bytes a TTT layer's token streams save per token (I = inner width): its fp32 input norm
+    8 D, the fp32 learning-rate projection input 4 D, the projections' and gate's inputs
+    a (2 D + 2 I), and 28 I of fp32 streams (q and k cast and L2-normalised, the q/k/v blocks of
+    the scan)."""
+    return (12 + 2 * a) * D + (28 + 2 * a) * inner_width
 
 
 def plan_stages(shape: ModelShape, ttt: TTTShape | None, ttt_cfg: dict, model_cfg: dict, strategy: Strategy,

@@ -77,6 +77,7 @@ class TokenSequenceDataset(IterableDataset):
         positions: dict[int, StreamPosition] | None = None,
         worker_rotation: int = 0,
         packing: bool = False,
+        reset_at_boundaries: bool = True,
     ):
         super().__init__()
         if seq_len <= 0:
@@ -95,6 +96,7 @@ class TokenSequenceDataset(IterableDataset):
         self.positions = dict(positions or {})
         self.worker_rotation = worker_rotation
         self.packing = packing
+        self.reset_at_boundaries = reset_at_boundaries
 
     def check_streams(self, num_workers: int) -> None:
         """Fail before training when shards cannot be split over every stream."""
@@ -205,6 +207,7 @@ class TokenSequenceDataset(IterableDataset):
                 "shard_seq": shard_seq,
                 "emitted": emitted,
                 "skipped": skips.count,
+                "reset_at_boundaries": self.reset_at_boundaries,
             }
 
 

@@ -521,6 +521,12 @@ class LocalStreamingAttention(StreamingMultiheadAttention):
             return super().forward(query, key, value)
         return self.project_out(self.attend(*self.project_qkv(query)))
 
+    def configure_for_stage(self, ttt_mini_batch_size: int | None = None, window: int | None = None) -> None:
+        """A curriculum stage's attention window, for the layers that use the model's window
+        (variants with their own short window - hybrid, cache_replacement - keep it)."""
+        if window is not None and not getattr(self, "fixed_window", False):
+            LocalStreamingAttention.from_moshi(self, window, self.local_chunk_size, self.local_backend)
+
 
 def _layer_windows(window: WindowSpec, num_layers: int) -> list[int | None]:
     if window is None or isinstance(window, int):

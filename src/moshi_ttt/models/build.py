@@ -36,6 +36,8 @@ def build_model(model_cfg: Mapping, ttt_cfg: Mapping | None = None) -> LMModel:
             p.requires_grad_(True)
     if model_cfg.get("gradient_checkpointing"):
         model.transformer.checkpointing = True
+        if model.depformer is not None:  # at 30 min the depformer's activations dominate memory
+            model.depformer.checkpointing = True
     return model
 
 

@@ -24,6 +24,7 @@ from moshi.modules.transformer import _MHAState
 from torch import nn
 
 from moshi_ttt.models.attention import LocalStreamingAttention
+from moshi_ttt.models.segments import current_segments, per_segment
 from moshi_ttt.ttt import TTTConfig, TTTMemory, TTTState
 
 MEMORY_READS = ("add",)
@@ -58,6 +59,7 @@ class CacheReplacementAttention(LocalStreamingAttention):
         lag = math.ceil(window / b) + 1
         module = LocalStreamingAttention.from_moshi(module, lag * b, chunk_size, backend)
         module.__class__ = cls
+        module.fixed_window = True
         module._init_memory(ttt_config, name, lag, window, memory_read)
         return module
 
@@ -93,6 +95,13 @@ class CacheReplacementAttention(LocalStreamingAttention):
 
     # ---- memory --------------------------------------------------------------------------
     def _memory_update(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._streaming_state
+        segments = current_segments() if state is None else None
+        if segments is not None:  # packed conversations: a fresh memory for each
+            return per_segment(x, segments, self._memory_read)
+        return self._memory_read(x)
+
+    def _memory_read(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         state = self._streaming_state
         q, k, v = self.project_qkv(x, rope=False)  # pre-RoPE: content only, the memory is position-free

@@ -67,6 +67,7 @@ def install_ttt(model: LMModel, ttt_cfg: Mapping | None) -> list[nn.Module]:
         if variant in PLACEMENTS:
             if variant == "hybrid":
                 LocalStreamingAttention.from_moshi(layer.self_attn, int(ttt_cfg.get("window", 256)), chunk, backend)
+                layer.self_attn.fixed_window = True
             wrapped = TTTWrappedLayer(layer, variant, layer_cfg, dim, name, norm=norm_name,
                                       alpha_init=float(ttt_cfg.get("hybrid_alpha_init", 0.8))).to(device)
             transformer.layers[i] = wrapped

@@ -23,6 +23,7 @@ from moshi.modules.streaming import State, StreamingModule
 from moshi.modules.transformer import StreamingTransformerLayer, create_norm_fn
 from torch import nn
 
+from moshi_ttt.models.segments import current_segments, per_segment
 from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTState
 
 VARIANTS = ("none", "pre_attention", "post_attention", "hybrid", "cache_replacement")
@@ -79,6 +80,9 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState]):
 
     def _ttt(self, x: torch.Tensor) -> torch.Tensor:
         state = self._streaming_state
+        segments = current_segments() if state is None else None
+        if segments is not None:  # packed conversations: a fresh memory for each
+            return per_segment(x, segments, lambda piece: self.ttt(piece)[0])
         update, new_state = self.ttt(x, state.ttt if state is not None else None)
         if state is not None:
             state.ttt = new_state

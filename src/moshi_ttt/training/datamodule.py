@@ -101,10 +101,12 @@ class TokenDataModule(L.LightningDataModule):
     def stage_settings(self) -> tuple[int, int, bool, tuple[int, int] | None]:
         """(seq_len, batch_size, packing, (batches left, batches in the stage) or None if endless)."""
         if not self.curriculum:
+            self.reset_at_boundaries = True
             return self.seq_len, self.batch_size, self.packing, None
         step = self.trainer.global_step if self.trainer is not None else 0
         i, k = self.curriculum.locate(step)
         stage = self.curriculum.stages[i]
+        self.reset_at_boundaries = stage.reset_at_boundaries
         return stage.frames, stage.batch_size, stage.packing, ((stage.steps - k) * stage.accumulate,
                                                                stage.steps * stage.accumulate)
 
@@ -117,6 +119,7 @@ class TokenDataModule(L.LightningDataModule):
             resampled=self.resampled, shuffle_buffer=self.shuffle_buffer, random_crop=self.random_crop,
             min_frames=self.min_frames, positions=self.positions.get(rank, {}),
             worker_rotation=self.batches_consumed % workers, packing=packing,
+            reset_at_boundaries=self.reset_at_boundaries,
         )
         ds.check_streams(self.num_workers)
         # Positions persist across stages: a new stage continues the streams where they are.

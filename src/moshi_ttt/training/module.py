@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moshi_ttt.models import count_parameters
+from moshi_ttt.models.segments import segment_context
 from moshi_ttt.training.loss import LossConfig, moshi_loss
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,10 @@ class MoshiTTTModule(L.LightningModule):
     # ---- steps ---------------------------------------------------------------------------
     def _shared_step(self, batch: dict, prefix: str):
         codes = batch["codes"]
-        out = self.model(codes)
+        resets = batch.get("reset_at_boundaries")
+        segments = batch.get("segments") if resets is not None and bool(resets.all()) else None
+        with segment_context(segments):
+            out = self.model(codes)
         text_pads = (self.model.text_padding_token_id, self.model.end_of_text_padding_id)
         res = moshi_loss(out, codes, self.loss_cfg, text_pads, self.model.audio_offset)
         B, _, T = codes.shape
