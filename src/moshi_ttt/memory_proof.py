@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from moshi_ttt.data.recall import TokenRecallSpec, write_token_recall_shards
 
@@ -84,10 +86,6 @@ def run(args) -> dict:
                          f"data.seq_len={seq_len}", f"data.batch_size={args.batch_size}",
                          f"trainer.max_steps={args.base_steps}", f"optim.lr={args.base_lr}", "optim.warmup_steps=20"])
     base_summary = train(base_cfg)
-    from omegaconf import OmegaConf
-
-    import torch
-
     model_cfg = OmegaConf.to_container(base_cfg.model, resolve=True)
     base_model = build_model(model_cfg, {"variant": "none"})
     state = torch.load(Path(base_summary["checkpoint_dir"]) / "last.ckpt", weights_only=False)["state_dict"]
