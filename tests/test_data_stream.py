@@ -138,3 +138,23 @@ def test_missing_shards_are_named(tmp_path):
         resolve_shards(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="seq_len"):
         TokenSequenceDataset([], seq_len=0)
+
+
+@pytest.mark.parametrize("minutes", [5, 30])
+def test_packing_short_conversations_to_long_stages(tmp_path, minutes):
+    """Conversations of 30-90 s packed into 5- and 30-minute sequences: no padding, segment ids
+    mark each conversation, and resuming after a packed sequence continues the stream."""
+    write_synthetic_shards(tmp_path / "s", num_samples=80, num_frames=(375, 1125), card=64, text_card=64,
+                           samples_per_shard=20, seed=1)
+    frames = seconds_to_frames(minutes * 60)
+    ds = TokenSequenceDataset(tmp_path / "s", seq_len=frames, packing=True, resampled=True)
+    items = _take(ds, 3)
+    for it in items:
+        assert it["codes"].shape == (17, frames) and (it["codes"] >= 0).all()
+        seg = it["segments"]
+        assert seg[0] == 0 and (seg[1:] >= seg[:-1]).all() and int(seg[-1]) + 1 == len(it["key"].split("+"))
+        assert int(seg[-1]) >= frames // 1125 - 1
+    resumed = _take(TokenSequenceDataset(tmp_path / "s", seq_len=frames, packing=True, resampled=True,
+                                         positions={0: StreamPosition(items[0]["shard_seq"], items[0]["emitted"])}), 2)
+    assert [r["key"] for r in resumed] == [it["key"] for it in items[1:]]
+    assert all(torch.equal(r["codes"], it["codes"]) for r, it in zip(resumed, items[1:]))

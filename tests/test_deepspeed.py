@@ -44,3 +44,10 @@ def test_zero_resume_is_exact(tmp_path, stage):
         state = torch.load(f, map_location="cpu", weights_only=False)
         module = state.get("module") or {}
         assert module and all("ttt" in k for k in module), list(module)[:5]
+    # The ZeRO directory converts to plain TTT weights that rebuild the model.
+    from moshi_ttt.export import export
+    from moshi_ttt.models import load_exported
+
+    out = export(ckpt, tmp_path / f"export{stage}")
+    model = load_exported(out)
+    assert sum(p.numel() for n, p in model.named_parameters() if "ttt" in n) > 0

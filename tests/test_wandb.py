@@ -21,7 +21,8 @@ def test_offline_wandb_run_has_the_metrics(compose_cfg, monkeypatch):
     keys = set().union(*run["history"])
     for key in ("train/loss", "train/text_loss", "train/audio_loss", "train/codebook_0_loss",
                 "train/codebook_7_loss", "train/loss_0-1min", "train/grad_norm", "train/lr",
-                "train/frames_per_s", "train/tokens_per_s", "curriculum/stage"):
+                "train/frames_per_s", "train/tokens_per_s", "curriculum/stage", "data/packed_fraction",
+                "ttt/layer1/fast_weight_norm", "ttt/layer1/gate_mean_abs", "ttt/layer1/eta_mean"):
         assert key in keys, key
     stages = [row["curriculum/stage"] for row in run["history"] if "curriculum/stage" in row]
     assert stages[0] == 0 and stages[-1] == 2

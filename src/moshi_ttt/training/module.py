@@ -149,6 +149,9 @@ class MoshiTTTModule(L.LightningModule):
         self._t_last = now
         if "skipped" in batch:
             self.log("data/skipped_samples", batch["skipped"].max().float(), batch_size=B, reduce_fx="max")
+        if "segments" in batch:  # share of this stage's sequences that join several conversations
+            packed = (batch["segments"][:, -1] > 0).float().mean()
+            self.log("data/packed_fraction", packed, batch_size=B)
         return res.loss
 
     def validation_step(self, batch: dict, batch_idx: int):
