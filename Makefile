@@ -20,7 +20,9 @@ install: system-deps $(MOSHI_TTT_VENV)/.deps-installed
 	  $(PY) -m pip install -q --no-deps --no-build-isolation -e . && echo "$(CURDIR)" > $(MOSHI_TTT_VENV)/.source-dir; \
 	fi
 
-$(MOSHI_TTT_VENV)/.deps-installed: pyproject.toml
+# Keyed by the hash of pyproject.toml (in the venv path), not by its mtime: a fresh clone's
+# newer pyproject.toml must not trigger a reinstall into the shared venv.
+$(MOSHI_TTT_VENV)/.deps-installed:
 	@mkdir -p $(dir $(MOSHI_TTT_VENV))
 	@[ -x $(PY) ] || python3 -m venv $(MOSHI_TTT_VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel

@@ -8,6 +8,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -16,6 +17,10 @@ import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
+# This checkout's sources, for the tests and the subprocesses they start (train.py, DDP ranks),
+# whatever checkout the shared virtual environment's editable install points to.
+sys.path.insert(0, str(REPO / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 torch.set_flush_denormal(True)  # as train() does: subnormals are ~100x slower on x86
