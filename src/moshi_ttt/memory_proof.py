@@ -85,10 +85,12 @@ def run(args) -> dict:
                          "+model.train_base=true", f"data.train_shards=[{','.join(base_sources)}]",
                          f"data.seq_len={seq_len}", f"data.batch_size={args.batch_size}",
                          f"trainer.max_steps={args.base_steps}", f"optim.lr={args.base_lr}", "optim.warmup_steps=20"])
-    base_summary = train(base_cfg)
+    base_ckpt = out / "runs" / "base" / "checkpoints" / "last.ckpt"
+    if not (args.reuse and base_ckpt.exists()):
+        train(base_cfg)
     model_cfg = OmegaConf.to_container(base_cfg.model, resolve=True)
     base_model = build_model(model_cfg, {"variant": "none"})
-    state = torch.load(Path(base_summary["checkpoint_dir"]) / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(base_ckpt, weights_only=False)["state_dict"]
     base_model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
     base_dir = save_base_checkpoint(base_model, model_cfg["lm_kwargs"], out / "base_checkpoint")
 
@@ -97,6 +99,9 @@ def run(args) -> dict:
                                          {"variant": "none"})}
     stage_short = max(16, seq_len // 2)
     for variant in args.variants:
+        if args.reuse and (out / "export" / variant / "config.json").exists():
+            models[variant] = load_exported(out / "export" / variant)
+            continue
         cfg = _compose([
             *_model_overrides(args), *common, f"ttt={variant}", "curriculum=demo", f"run_name={variant}",
             "model.source=dir", f"model.path={base_dir}", f"data.train_shards={train_set}",
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant-steps", type=int, default=240)
     p.add_argument("--ttt-lr", type=float, default=3e-3)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--reuse", action="store_true", help="keep the base and variants already trained in --out")
     args = p.parse_args(argv)
     if args.delay <= args.window:
         p.error(f"--delay {args.delay} must exceed --window {args.window}: the point is recall beyond the window")
