@@ -33,6 +33,84 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 VARIANTS = ("post_attention", "pre_attention", "cache_replacement", "hybrid")
 
 
+def recall_samples(shards, max_samples: int | None = None):
+    """(codes int64 [17, T], meta) of a recall set, in shard order."""
+    import json
+
+    import numpy as np
+
+    from moshi_ttt.data.shards import decode_codes, iter_shard_samples, resolve_shards
+
+    def fail(exn: Exception) -> bool:
+        raise exn
+
+    n = 0
+    for url in resolve_shards(shards):
+        for raw in iter_shard_samples(url, fail):
+            yield torch.from_numpy(decode_codes(raw["codes.npy"]).astype(np.int64)), json.loads(raw["meta.json"])
+            n += 1
+            if max_samples is not None and n >= max_samples:
+                return
+
+
+def _batches(shards, max_samples, batch_size):
+    batch: list = []
+    for item in recall_samples(shards, max_samples):
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _stack(batch) -> torch.Tensor:
+    T = max(c.shape[1] for c, _ in batch)
+    codes = torch.full((len(batch), 17, T), -1, dtype=torch.long)
+    for i, (c, _) in enumerate(batch):
+        codes[i, :, : c.shape[1]] = c
+    return codes
+
+
+@torch.no_grad()
+def recall_accuracy(model, shards, max_samples: int | None = None, batch_size: int = 4) -> dict:
+    """Teacher-forced: the share of the recalled tokens (text + Moshi's 8 codebooks over each
+    sample's ``recall_span``) whose argmax prediction is the fact's token, overall and by delay."""
+    model.eval()
+    hits: dict[int, list[int]] = {}
+    for batch in _batches(shards, max_samples, batch_size):
+        codes = _stack(batch)
+        out = model(codes)
+        for i, (_, meta) in enumerate(batch):
+            a, b = meta["recall_span"]
+            text_ok = out.text_mask[i, 0, a:b] & (codes[i, 0, a:b] >= 0)
+            text_hit = (out.text_logits[i, 0, a:b].argmax(-1) == codes[i, 0, a:b]) & text_ok
+            audio_ok = out.mask[i, :, a:b] & (codes[i, 1:9, a:b] >= 0)
+            audio_hit = (out.logits[i, :, a:b].argmax(-1) == codes[i, 1:9, a:b]) & audio_ok
+            h = hits.setdefault(int(meta["delay_frames"]), [0, 0])
+            h[0] += int(text_hit.sum() + audio_hit.sum())
+            h[1] += int(text_ok.sum() + audio_ok.sum())
+    total = [sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())]
+    chance = (1 / model.text_card + 8 / model.card) / 9
+    return {"overall": total[0] / max(total[1], 1), "by_delay": {d: h[0] / max(h[1], 1) for d, h in sorted(hits.items())},
+            "num_samples": sum(1 for _ in recall_samples(shards, max_samples)), "chance": chance}
+
+
+@torch.no_grad()
+def late_loss(model, shards, start_frame: int, max_samples: int | None = None, batch_size: int = 4) -> float:
+    """Mean unweighted cross-entropy per valid token (text + audio) over frames >= start_frame."""
+    from moshi_ttt.training.loss import LossConfig, moshi_loss
+
+    model.eval()
+    num = den = 0.0
+    for batch in _batches(shards, max_samples, batch_size):
+        codes = _stack(batch)
+        res = moshi_loss(model(codes), codes, LossConfig(), (model.text_padding_token_id, model.end_of_text_padding_id))
+        num += float(res.token_losses[:, start_frame:].sum())
+        den += float(res.token_counts[:, start_frame:].sum())
+    return num / max(den, 1.0)
+
+
 def _compose(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
@@ -74,8 +152,17 @@ def run(args) -> dict:
               "data.random_crop=false", "data.val_shards=null", "data.resampled=true", "ckpt_path=null",
               "callbacks.model_checkpoint.every_n_train_steps=100000", "callbacks.progress.every_n_steps=50"]
 
-    # 2. the base: everything trains, short window, demo speech + the recall conversations.
-    base_sources = [str(train_set)]
+    # 2. the base: everything trains, short window, demo speech + recall conversations whose
+    # delays fit inside the window (it learns to copy from its context; beyond it, it cannot).
+    base_sources = []
+    for d in args.pretrain_delays:
+        path = out / f"recall_pretrain_d{d}"
+        write_token_recall_shards(path, args.train_samples, TokenRecallSpec(
+            delay_frames=d, card=64, text_card=64, fact_frames=args.fact_frames), seed=100 + d, samples_per_shard=64)
+        base_sources.append(str(path))
+    in_window = out / "recall_test_in_window"
+    write_token_recall_shards(in_window, args.test_samples, TokenRecallSpec(
+        delay_frames=args.pretrain_delays[-1], card=64, text_card=64, fact_frames=args.fact_frames), seed=3)
     demo = Path(args.demo_data) / "shards" / "train"
     if demo.exists():
         base_sources.insert(0, str(demo))
@@ -116,9 +203,10 @@ def run(args) -> dict:
         models[variant] = load_exported(out / "export" / variant)
 
     # 4. score on the held-out recall set.
-    from moshi_ttt.eval import late_loss, recall_accuracy
-
     rows = []
+    acc = recall_accuracy(models["frozen base"], str(in_window), max_samples=args.test_samples)
+    rows.append({"model": f"frozen base, delay {args.pretrain_delays[-1]} (inside the window)",
+                 "recall_accuracy": acc["overall"], "chance": acc["chance"], "late_loss": float("nan")})
     late_start = spec.fact_start + spec.fact_start_jitter + spec.cue_frames + spec.fact_frames + args.window
     for name, model in models.items():
         acc = recall_accuracy(model, str(test_set), max_samples=args.test_samples)
@@ -157,13 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--train-samples", type=int, default=512)
     p.add_argument("--test-samples", type=int, default=64)
-    p.add_argument("--base-steps", type=int, default=300)
+    p.add_argument("--base-steps", type=int, default=800)
     p.add_argument("--base-lr", type=float, default=3e-3)
     p.add_argument("--variant-steps", type=int, default=240)
     p.add_argument("--ttt-lr", type=float, default=3e-3)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--pretrain-delays", type=int, nargs="+", default=[4, 12, 20],
+                   help="fact-to-recall delays (inside the window) of the base's pretraining data")
     p.add_argument("--reuse", action="store_true", help="keep the base and variants already trained in --out")
     args = p.parse_args(argv)
+    if max(args.pretrain_delays) >= args.window:
+        p.error("--pretrain-delays must stay inside --window")
     if args.delay <= args.window:
         p.error(f"--delay {args.delay} must exceed --window {args.window}: the point is recall beyond the window")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
