@@ -146,9 +146,12 @@ class TTTHealthLogger(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every or trainer.fit_loop._should_accumulate():
             return
+        reported: list[str] = []
         for name, module in pl_module.model.named_modules():
             health = getattr(module, "health", None)
-            if not callable(health):
+            # A TTT wrapper's health already includes its inner TTT layer's: report it once.
+            if not callable(health) or any(name.startswith(prefix + ".") for prefix in reported):
                 continue
+            reported.append(name)
             for key, value in health().items():
                 pl_module.log(f"ttt/{getattr(module, 'name', name)}/{key}", float(value), batch_size=1)
