@@ -1,25 +1,5 @@
 """Token shards: writing, reading, tokenising audio, packing long sequences."""
 
-from moshi_ttt.data.alignment import (
-    END_OF_TEXT_PADDING_ID,
-    MAIN_SPEAKER,
-    TEXT_PADDING_ID,
-    AlignmentError,
-    Word,
-    load_alignments,
-    load_text_tokenizer,
-    place_words,
-)
-from moshi_ttt.data.audio import AudioError, read_stereo
-from moshi_ttt.data.codec import TINY_MIMI_CONFIG, StereoEncoder, build_tiny_mimi, load_mimi, save_mimi
-from moshi_ttt.data.demo_dataset import build_demo_dataset
-from moshi_ttt.data.prepare import PrepareResult, prepare
-from moshi_ttt.data.recall import (
-    TokenRecallSpec,
-    build_audio_recall_set,
-    delay_frames_for,
-    write_token_recall_shards,
-)
 from moshi_ttt.data.shards import (
     FRAME_RATE,
     NUM_STREAMS,
@@ -31,6 +11,30 @@ from moshi_ttt.data.shards import (
 )
 from moshi_ttt.data.stream import PAD_TOKEN, StreamPosition, TokenSequenceDataset, consumed_positions
 from moshi_ttt.data.synthetic import write_synthetic_shards
+
+# The preparation pipeline is imported on first use: its modules are also run with
+# `python -m` (prepare, demo_dataset, recall), which must not find them imported already.
+_LAZY = {
+    "END_OF_TEXT_PADDING_ID": "alignment", "MAIN_SPEAKER": "alignment", "TEXT_PADDING_ID": "alignment",
+    "AlignmentError": "alignment", "Word": "alignment", "load_alignments": "alignment",
+    "load_text_tokenizer": "alignment", "place_words": "alignment",
+    "AudioError": "audio", "read_stereo": "audio",
+    "TINY_MIMI_CONFIG": "codec", "StereoEncoder": "codec", "build_tiny_mimi": "codec", "load_mimi": "codec",
+    "save_mimi": "codec",
+    "build_demo_dataset": "demo_dataset",
+    "PrepareResult": "prepare", "prepare": "prepare",
+    "TokenRecallSpec": "recall", "build_audio_recall_set": "recall", "delay_frames_for": "recall",
+    "write_token_recall_shards": "recall",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"moshi_ttt.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'moshi_ttt.data' has no attribute {name!r}")
+
 
 __all__ = [
     "END_OF_TEXT_PADDING_ID",
