@@ -42,3 +42,12 @@ def compose_cfg(tmp_path):
             return compose("train", overrides=[f"paths.output_root={tmp_path}", *overrides])
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny codec's convolutions run fastest on one thread of a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,13 +28,7 @@ def speechy(seconds: float, rate: int = 24_000, seed: int = 0) -> np.ndarray:
     return np.stack([0.3 * tone, noise]).astype(np.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny codec's convolutions run fastest on one thread of a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import soundfile as sf
-import torch
 
 from moshi_ttt.data.alignment import END_OF_TEXT_PADDING_ID, MAIN_SPEAKER, tokenize_word
 from moshi_ttt.data.shards import ShardIndex, decode_codes, iter_shard_samples, resolve_shards
@@ -20,12 +19,7 @@ needs_espeak = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
