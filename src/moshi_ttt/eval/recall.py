@@ -1,0 +1,133 @@
+"""Recall accuracy on the long-range recall set (``moshi_ttt.data.recall``), by delay.
+
+Each conversation states a fact early (``fact_span``) and reproduces it ``delay_frames`` later
+(``recall_span``). Teacher-forced over the whole conversation, a model recalls a token when its
+argmax prediction at that position equals the target. Scored tokens, per the set's layout:
+
+- token-level set (``meta.level == "tokens"``): the fact block is text + all 16 audio codebooks;
+  the model predicts the text stream and Moshi's 8 codebooks, so those are scored over
+  ``recall_span``. Text padding tokens (the fixed "padding / end of padding" rhythm between
+  the fact's words) are left out: they follow from the layout, not from the fact.
+- audio-level set (``meta.level == "audio"``): ``recall_span`` covers the code word's text
+  tokens; the text stream is scored (Moshi's audio of the word need not repeat token for token).
+
+``chance`` is the accuracy of a predictor that picks uniformly among the vocabulary:
+the scored tokens' mean of ``1 / text_card`` (text) and ``1 / card`` (audio).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moshi_ttt.data.alignment import END_OF_TEXT_PADDING_ID, TEXT_PADDING_ID
+from moshi_ttt.eval.samples import batched, iter_samples, model_device, stack_codes
+from moshi_ttt.training.loss import LossConfig, moshi_loss
+
+
+def _text_pads(model) -> tuple[int, int]:
+    return (int(getattr(model, "text_padding_token_id", TEXT_PADDING_ID)),
+            int(getattr(model, "end_of_text_padding_id", END_OF_TEXT_PADDING_ID)))
+
+
+def _stack(model, samples) -> torch.Tensor:
+    """A batch padded ``max(delays)`` frames past its longest conversation, so that every sample's
+    last frames are scored in every codebook whatever it is batched with (a sequence that ends
+    exactly at its last frame leaves its delayed codebooks' last prediction out of the mask)."""
+    extra = max(getattr(model, "delays", None) or [0])
+    return stack_codes([s.codes for s in samples], max(s.frames for s in samples) + extra)
+
+
+def _recall_samples(shards, max_samples):
+    for s in iter_samples(shards, max_samples):
+        if "recall_span" not in s.meta or "delay_frames" not in s.meta:
+            raise ValueError(f"sample {s.key!r} of {shards} has no recall_span/delay_frames in its meta.json: "
+                             "not a recall set (write one with `python -m moshi_ttt.data.recall`)")
+        yield s
+
+
+@torch.no_grad()
+def recall_report(model, shards: str | list[str], max_samples: int | None = None, batch_size: int = 4,
+                  delay_bucket: int | None = None) -> dict:
+    """:func:`recall_accuracy` with details: hits/tokens overall and by delay, text and audio
+    accuracy separately, and per-sample accuracy. ``delay_bucket`` groups delays into bins of
+    that many frames (keyed by the bin's first delay); None keeps every delay apart."""
+    model.eval()
+    device = model_device(model)
+    text_card, card = int(model.text_card), int(model.card)
+    pads = torch.tensor(_text_pads(model), device=device)
+    stats: dict[int, dict[str, int]] = {}
+    per_sample = []
+    n = 0
+    for batch in batched(_recall_samples(shards, max_samples), batch_size):
+        codes = _stack(model, batch).to(device)
+        out = model(codes)
+        for i, sample in enumerate(batch):
+            a, b = (int(x) for x in sample.meta["recall_span"])
+            target_text = codes[i, 0, a:b]
+            text_ok = out.text_mask[i, 0, a:b] & (target_text >= 0) & ~torch.isin(target_text, pads)
+            text_hit = (out.text_logits[i, 0, a:b].argmax(-1) == target_text) & text_ok
+            if sample.meta.get("level", "tokens") == "audio":
+                audio_ok = audio_hit = torch.zeros(0, dtype=torch.bool, device=device)
+            else:
+                dep_q, off = out.logits.shape[1], int(getattr(model, "audio_offset", 1))
+                target_audio = codes[i, off:off + dep_q, a:b]
+                audio_ok = out.mask[i, :, a:b] & (target_audio >= 0)
+                audio_hit = (out.logits[i, :, a:b].argmax(-1) == target_audio) & audio_ok
+            delay = int(sample.meta["delay_frames"])
+            key = delay if not delay_bucket else delay // delay_bucket * delay_bucket
+            s = stats.setdefault(key, {"text_hits": 0, "text_tokens": 0, "audio_hits": 0, "audio_tokens": 0})
+            counts = {"text_hits": int(text_hit.sum()), "text_tokens": int(text_ok.sum()),
+                      "audio_hits": int(audio_hit.sum()), "audio_tokens": int(audio_ok.sum())}
+            for k, v in counts.items():
+                s[k] += v
+            tokens = counts["text_tokens"] + counts["audio_tokens"]
+            per_sample.append({"key": sample.key, "delay_frames": delay,
+                               "accuracy": (counts["text_hits"] + counts["audio_hits"]) / tokens if tokens else None,
+                               **counts})
+        n += len(batch)
+    if n == 0:
+        raise ValueError(f"{shards}: no recall samples")
+
+    def acc(s: dict) -> float:
+        tokens = s["text_tokens"] + s["audio_tokens"]
+        return (s["text_hits"] + s["audio_hits"]) / tokens if tokens else float("nan")
+
+    total = {k: sum(s[k] for s in stats.values()) for k in ("text_hits", "text_tokens", "audio_hits", "audio_tokens")}
+    tokens = total["text_tokens"] + total["audio_tokens"]
+    chance = (total["text_tokens"] / text_card + total["audio_tokens"] / card) / tokens if tokens else float("nan")
+    return {
+        "overall": acc(total),
+        "by_delay": {d: acc(s) for d, s in sorted(stats.items())},
+        "num_samples": n,
+        "chance": chance,
+        "text_accuracy": total["text_hits"] / total["text_tokens"] if total["text_tokens"] else float("nan"),
+        "audio_accuracy": total["audio_hits"] / total["audio_tokens"] if total["audio_tokens"] else float("nan"),
+        "tokens": tokens,
+        "by_delay_counts": {d: dict(s) for d, s in sorted(stats.items())},
+        "samples": per_sample,
+    }
+
+
+def recall_accuracy(model, shards: str | list[str], max_samples: int | None = None, batch_size: int = 4) -> dict:
+    """``{"overall": float, "by_delay": {delay_frames: float}, "num_samples": int, "chance": float}``:
+    the share of the recalled tokens whose teacher-forced argmax prediction is the fact's token."""
+    r = recall_report(model, shards, max_samples, batch_size)
+    return {k: r[k] for k in ("overall", "by_delay", "num_samples", "chance")}
+
+
+@torch.no_grad()
+def late_loss(model, shards, start_frame: int, max_samples: int | None = None, batch_size: int = 4) -> float:
+    """Mean unweighted CE per valid token (text + Moshi's audio) over frames >= ``start_frame``,
+    teacher-forced over whole conversations (NaN when no conversation reaches ``start_frame``)."""
+    if start_frame < 0:
+        raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+    model.eval()
+    device = model_device(model)
+    pads = _text_pads(model)
+    num = den = 0.0
+    for batch in batched(iter_samples(shards, max_samples), batch_size):
+        codes = _stack(model, batch).to(device)
+        res = moshi_loss(model(codes), codes, LossConfig(), pads, int(getattr(model, "audio_offset", 1)))
+        num += float(res.token_losses[:, start_frame:].sum())
+        den += float(res.token_counts[:, start_frame:].sum())
+    return num / den if den else float("nan")
