@@ -11,14 +11,17 @@ from moshi.models.lm import LMGen
 from moshi_ttt.models import MoshiSourceConfig, load_base_moshi
 from moshi_ttt.models.insert import install_ttt, selected_layers, set_ttt_enabled
 
-VARIANTS = ["pre_attention", "post_attention", "hybrid", "cache_replacement"]
+VARIANTS = ["pre_attention", "post_attention", "hybrid", "cache_replacement", "cache_replacement:kv_slots"]
 
 
-def _model(kw, variant, window=16, context=64, seed=0):
+def _model(kw, variant, window=16, context=64, seed=0, slots=3):
+    """``variant`` may name a read mode after a colon (cache_replacement:kv_slots)."""
     kw = {**kw, "context": context}
     base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs=kw, seed=seed))
     model = copy.deepcopy(base)
+    variant, _, read = variant.partition(":")
     install_ttt(model, {"variant": variant, "layers": [0, -1], "window": window,
+                        "memory_read": read or "add", "memory_slots": slots,
                         "layer": {"mini_batch_size": 4, "num_heads": 4}})
     return base, model
 
@@ -126,7 +129,7 @@ def test_only_ttt_parameters_train(tiny_lm_kwargs):
                          for n in names)
 
 
-@pytest.mark.parametrize("variant", ["pre_attention", "cache_replacement"])
+@pytest.mark.parametrize("variant", ["pre_attention", "cache_replacement", "cache_replacement:kv_slots"])
 def test_packed_conversations_reset_the_memory_at_boundaries(tiny_lm_kwargs, variant):
     """With segment ids in context, the TTT output of a later conversation equals that of the
     same conversation run alone (fresh memory); without them, the memory carries over."""
@@ -135,7 +138,12 @@ def test_packed_conversations_reset_the_memory_at_boundaries(tiny_lm_kwargs, var
     _, model = _model(tiny_lm_kwargs, variant, window=8)
     _open_gates(model)
     module = next(m for m in model.modules() if hasattr(m, "ttt_enabled"))
-    run = (lambda x: module._ttt(x)) if variant == "pre_attention" else (lambda x: module._memory_update(x))
+    if variant == "pre_attention":
+        run = module._ttt
+    elif variant.endswith("kv_slots"):
+        run = lambda x: module(x, x, x)  # noqa: E731 - the whole layer runs per conversation
+    else:
+        run = module._memory_update
     x = torch.randn(1, 40, tiny_lm_kwargs["dim"])
     segments = torch.zeros(1, 40, dtype=torch.long)
     segments[:, 23:] = 1
@@ -147,3 +155,38 @@ def test_packed_conversations_reset_the_memory_at_boundaries(tiny_lm_kwargs, var
     torch.testing.assert_close(packed[:, 23:], alone, atol=1e-6, rtol=0)
     torch.testing.assert_close(packed[:, :23], carried[:, :23], atol=1e-6, rtol=0)
     assert (carried[:, 23:] - alone).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("read", ["add", "kv_slots"])
+def test_cache_replacement_remembers_what_left_the_window(tiny_lm_kwargs, read):
+    """A frame far outside the attention window still changes late outputs through the memory
+    (and only through it: with the memory off, the late outputs ignore it)."""
+    _, model = _model(tiny_lm_kwargs, f"cache_replacement:{read}", window=4)
+    _open_gates(model)
+    module = next(m for m in model.modules() if hasattr(m, "memory"))
+    x = torch.randn(1, 48, tiny_lm_kwargs["dim"])
+    y = x.clone()
+    y[:, 2] += 3.0  # frame 2; the window is (ceil(4/4) + 1) * 4 = 8 frames
+    with torch.no_grad():
+        late = module(x, x, x)[:, 24:]
+        changed = module(y, y, y)[:, 24:]
+        set_ttt_enabled(model, False)
+        torch.testing.assert_close(module(x, x, x)[:, 24:], module(y, y, y)[:, 24:], atol=1e-6, rtol=0)
+    assert (late - changed).abs().max() > 1e-4
+
+
+def test_kv_slots_start_closed_and_can_open(tiny_lm_kwargs):
+    """At step 0 the slot gate is 0 (the frozen base) yet receives a gradient, so it can open."""
+    base, model = _model(tiny_lm_kwargs, "cache_replacement:kv_slots", window=64)  # the base's context
+    codes = _codes(tiny_lm_kwargs, T=40)
+    out = model(codes)
+    torch.testing.assert_close(out.logits.nan_to_num(), base(codes).logits.nan_to_num(), atol=1e-5, rtol=0)
+    out.logits.nan_to_num().pow(2).mean().backward()
+    gates = [m.gate_alpha for m in model.modules() if hasattr(m, "slot_keys")]
+    assert len(gates) == 2 and all(float(g.detach().abs().max()) == 0.0 for g in gates)
+    assert all(float(g.grad.abs().max()) > 0 for g in gates)
+
+
+def test_kv_slots_validates_the_slot_count(tiny_lm_kwargs):
+    with pytest.raises(ValueError, match="ttt.memory_slots"):
+        _model(tiny_lm_kwargs, "cache_replacement:kv_slots", slots=5)  # mini-batch is 4

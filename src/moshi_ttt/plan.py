@@ -337,9 +337,16 @@ def ttt_shape(ttt_cfg: dict, shape: ModelShape) -> TTTShape | None:
     memory = H * fw + 2 * H * d + (b0 if cfg.per_position_lr else 0)  # initial W, inner LN, token offsets
     lr_proj = D * H + H
     if variant == "cache_replacement":
-        params = memory + lr_proj + 2 * D + D * D + D  # + read_norm, read_proj, gate
-        mm = D * H + D * D
-        extra = 3 * D * D  # project_qkv runs the frozen in-projection again, without RoPE
+        if ttt_cfg.get("memory_read", "add") == "kv_slots":
+            slots = int(ttt_cfg.get("memory_slots") or b0)
+            params = memory + lr_proj + 2 * H * slots * d + H  # + probes, slot keys, per-head gate
+            mm = D * H
+            # + the second (window + slots) attention, counted as matmul weights per token
+            extra = 3 * D * D + 2 * D * ((math.ceil(window / b0) + 1) * b0 + slots)
+        else:
+            params = memory + lr_proj + 2 * D + D * D + D  # + read_norm, read_proj, gate
+            mm = D * H + D * D
+            extra = 3 * D * D  # project_qkv runs the frozen in-projection again, without RoPE
         lag = math.ceil(window / b0) + 1
         windows = {i: lag * b0 for i in layers}
     else:

@@ -15,7 +15,7 @@ from moshi_ttt.ttt import TTTConfig
 
 logger = logging.getLogger(__name__)
 
-_KEYS = {"variant", "layers", "layer", "window", "memory_read", "hybrid_alpha_init", "attention_window",
+_KEYS = {"variant", "layers", "layer", "window", "memory_read", "memory_slots", "hybrid_alpha_init", "attention_window",
          "attention_chunk_size", "attention_backend", "rope_max_period", "default_num_layers"}
 
 
@@ -75,7 +75,8 @@ def install_ttt(model: LMModel, ttt_cfg: Mapping | None) -> list[nn.Module]:
         else:
             attn = CacheReplacementAttention.from_moshi_with_memory(
                 layer.self_attn, int(ttt_cfg.get("window", 256)), layer_cfg, name,
-                memory_read=ttt_cfg.get("memory_read", "add"), chunk_size=chunk, backend=backend)
+                memory_read=ttt_cfg.get("memory_read", "add"), chunk_size=chunk, backend=backend,
+                memory_slots=ttt_cfg.get("memory_slots"))
             new.append(attn)
     base = {id(p) for p in model.parameters() if not p.requires_grad}
     trainable = sum(p.numel() for m in new for p in m.parameters() if id(p) not in base)

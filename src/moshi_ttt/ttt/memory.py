@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moshi_ttt.ttt.config import TTTConfig
-from moshi_ttt.ttt.inner import make_inner
+from moshi_ttt.ttt.inner import layer_norm, make_inner
 from moshi_ttt.ttt.scan import ttt_scan
 from moshi_ttt.ttt.state import TTTState
 
@@ -147,6 +147,17 @@ class TTTMemory(nn.Module):
             lengths=(N - keep,) * xk.shape[0],
         )
         return out, new
+
+    def read(self, weights: dict[str, Tensor], xq: Tensor) -> Tensor:
+        """xq + LN(g(xq; W)) for queries [B, H, n, d] against given fast weights [B, H, ...]:
+        what the scan returns for a lagged read, for callers that hold the weights themselves."""
+        dtype = inner_dtype(xq.dtype)
+        with torch.autocast(device_type=xq.device.type, enabled=False):
+            xq = xq.to(dtype)
+            z = self.inner.forward({k: w.to(dtype) for k, w in weights.items()}, xq)
+            ln = (self.ln_weight.to(dtype)[None, :, None, :], self.ln_bias.to(dtype)[None, :, None, :],
+                  self.config.ln_eps)
+            return xq + layer_norm(z, ln)
 
     @torch.no_grad()
     def weight_stats(self, state: TTTState) -> dict[str, Tensor]:
