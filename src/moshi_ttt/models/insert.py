@@ -10,13 +10,15 @@ from torch import nn
 
 from moshi_ttt.models.attention import LocalStreamingAttention, install_local_attention
 from moshi_ttt.models.cache_replacement import CacheReplacementAttention
+from moshi_ttt.models.rope import install_position_scale
 from moshi_ttt.models.variants import PLACEMENTS, VARIANTS, TTTWrappedLayer
 from moshi_ttt.ttt import TTTConfig
 
 logger = logging.getLogger(__name__)
 
 _KEYS = {"variant", "layers", "layer", "window", "memory_read", "memory_slots", "hybrid_alpha_init", "attention_window",
-         "attention_chunk_size", "attention_backend", "rope_max_period", "default_num_layers"}
+         "attention_chunk_size", "attention_backend", "rope_max_period", "rope_position_scale",
+         "default_num_layers"}
 
 
 def selected_layers(ttt_cfg: Mapping, num_layers: int) -> list[int]:
@@ -51,6 +53,8 @@ def install_ttt(model: LMModel, ttt_cfg: Mapping | None) -> list[nn.Module]:
         if transformer.rope is None:
             raise ValueError("ttt.rope_max_period is set but the model has no RoPE")
         transformer.rope.max_period = float(ttt_cfg["rope_max_period"])
+    if ttt_cfg.get("rope_position_scale") not in (None, 1, 1.0):
+        install_position_scale(transformer, ttt_cfg["rope_position_scale"])
     chunk, backend = ttt_cfg.get("attention_chunk_size"), ttt_cfg.get("attention_backend", "sdpa")
     install_local_attention(model, window=ttt_cfg.get("attention_window"), chunk_size=chunk, backend=backend)
     if variant == "none":
