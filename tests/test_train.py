@@ -80,6 +80,9 @@ def test_bad_overrides_fail_before_compute(compose_cfg, tmp_path):
         train(compose_cfg("experiment=smoke", "run_name=bad3", "data=shards", f"data.train_shards={missing}"))
     with pytest.raises(ValueError, match="run_name"):
         train(compose_cfg("experiment=smoke", "run_name=a/b"))
+    with pytest.raises(ValueError, match=r"curriculum.stages.1.ttt_mini_batch_size=32"):
+        train(compose_cfg("experiment=smoke", "run_name=bad4", "curriculum=demo",
+                          "curriculum.stages.1.ttt_mini_batch_size=32"))
     assert not (tmp_path / "runs" / "bad1" / "checkpoints").exists()
     assert not (tmp_path / "runs" / "bad3").exists()
 

@@ -48,6 +48,15 @@ def validate_config(cfg: DictConfig) -> None:
                                        for s in (OmegaConf.select(cfg, "curriculum.stages") or [])):
         raise ValueError("curriculum.stages.*.accumulate > 1 is not supported with DeepSpeed (its engine fixes "
                          "gradient accumulation at start-up): use accumulate: 1 and more GPUs or a larger batch_size")
+    variant = OmegaConf.select(cfg, "ttt.variant") or "none"
+    built_b = OmegaConf.select(cfg, "ttt.layer.mini_batch_size")
+    for i, stage in enumerate(OmegaConf.select(cfg, "curriculum.stages") or []):
+        b = stage.get("ttt_mini_batch_size")
+        if b is not None and variant != "none" and b != built_b:
+            raise ValueError(f"curriculum.stages.{i}.ttt_mini_batch_size={b} differs from ttt.layer.mini_batch_size="
+                             f"{built_b}: the TTT layers are built with one mini-batch size (their per-position "
+                             "learning rates and cache_replacement's window are sized by it); set the same value "
+                             "or leave the stage's null")
     if cfg.model.source != "hf":  # hub look-ups happen at load time, with the repo named in the error
         locate_checkpoint(source_config(cfg.model))
 
