@@ -1,6 +1,6 @@
 """notebooks/analysis.ipynb runs headless (nbclient) on outputs this test makes: a 4-step training
 run with a two-stage curriculum and TTT health logging, then `python -m moshi_ttt.eval` loss,
-generate and recall on a tiny model."""
+generate and recall, and `python -m moshi_ttt.diagnose`, on a tiny model."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def demo_outputs(tmp_path_factory, tiny_lm_kwargs):
     from hydra import compose, initialize_config_dir
 
     from moshi_ttt.data.recall import TokenRecallSpec, write_token_recall_shards
+    from moshi_ttt.diagnose import main as diagnose_main
     from moshi_ttt.eval.__main__ import main as eval_main
     from moshi_ttt.training import train
 
@@ -48,11 +49,14 @@ def demo_outputs(tmp_path_factory, tiny_lm_kwargs):
     write_token_recall_shards(recall_set, 6, TokenRecallSpec(delay_frames=40, fact_start_jitter=10, tail_frames=5))
     assert eval_main(["recall", *models, "--shards", str(recall_set), "--late-start", "60",
                       "--out", str(eval_dir)]) == 0
-    return run_dir, eval_dir
+    diag_dir = tmp_path / "diagnostics"
+    assert diagnose_main(["--model", f"pre_attention=run:{run_dir}", "--shards", held_out, "--pack", "--frames", "100",
+                          "--window-frames", "25", "--out", str(diag_dir)]) == 0
+    return run_dir, eval_dir, diag_dir
 
 
 def test_eval_cli_outputs(demo_outputs):
-    _, eval_dir = demo_outputs
+    _, eval_dir, _ = demo_outputs
     names = {p.name for p in eval_dir.iterdir()}
     assert {"loss_by_position.csv", "loss_by_position.md", "loss_by_position.json", "loss_by_position.png",
             "generation_frozen_base.json", "generation_pre_attention.csv", "generation_pre_attention.png",
@@ -91,14 +95,18 @@ def images(nb, marker: str) -> int:
     return sum("image/png" in o.get("data", {}) for o in _cell(nb, marker).outputs)
 
 
+def markdown(nb, marker: str) -> str:
+    return "".join(o.get("data", {}).get("text/markdown", "") for o in _cell(nb, marker).outputs)
+
+
 def stdout(nb, marker: str) -> str:
     return "".join(o.get("text", "") for o in _cell(nb, marker).outputs if o.output_type == "stream")
 
 
 def test_notebook_runs_headless(demo_outputs, tmp_path, monkeypatch):
-    run_dir, eval_dir = demo_outputs
+    run_dir, eval_dir, diag_dir = demo_outputs
     nb = execute_notebook(tmp_path, monkeypatch, RUN_DIR=run_dir, EVAL_DIR=eval_dir,
-                          DIAG_DIR=tmp_path / "no-diagnostics", MEMORY_PROOF_DIR=tmp_path / "no-memory-proof")
+                          DIAG_DIR=diag_dir, MEMORY_PROOF_DIR=tmp_path / "no-memory-proof")
     assert images(nb, "bucket_keys = sorted(") == 1  # training curves with curriculum stages
     assert images(nb, "ttt_keys = ") == 1  # TTT health
     assert images(nb, "plot_loss_curves(loss_results)") == 1
@@ -106,7 +114,14 @@ def test_notebook_runs_headless(demo_outputs, tmp_path, monkeypatch):
     assert images(nb, "plot_recall(recall)") == 1
     summary = stdout(nb, 'print("shown:"')
     assert "training metrics (CSV" in summary and "recall (frozen base, pre_attention)" in summary
-    assert "diagnostics: no" in summary and "memory proof: no" in summary
+    assert "diagnostics report (pre_attention: " in summary and "memory proof: no" in summary
+    # the diagnostics section: findings of the report python -m moshi_ttt.diagnose wrote, and its plots
+    report = json.loads((diag_dir / "report.json").read_text())
+    shown = markdown(nb, "diagnostics_reports(")
+    assert "| severity | check | layer | finding |" in shown and "| key metric | value |" in shown
+    assert sum(f"| {f['message']} |" in shown for f in report["findings"]) == len(report["findings"])
+    assert "attention window (min-max frames)" in shown and "layer1: fast-weight norm max" in shown
+    assert images(nb, "diagnostics_reports(") == 4  # context, TTT health, drift, predictions
 
 
 def test_notebook_skips_missing_inputs_and_shows_diagnostics(tmp_path, monkeypatch):
@@ -127,7 +142,6 @@ def test_notebook_skips_missing_inputs_and_shows_diagnostics(tmp_path, monkeypat
     for missing in ("training metrics: nothing", "loss by position: no", "generation: no", "recall: no"):
         assert missing in summary
     assert "diagnostics report" in summary.split("skipped:")[0]
-    diag_cell = _cell(nb, "report_json = ")
-    table = "".join(o.get("data", {}).get("text/markdown", "") for o in diag_cell.outputs)
+    table = markdown(nb, "diagnostics_reports(")  # not a moshi_ttt.diagnose report: every scalar
     assert "| checks.rope.max_relative_distance | 31 |" in table and "[50 items]" in table
-    assert images(nb, "report_json = ") == 1
+    assert images(nb, "diagnostics_reports(") == 1
