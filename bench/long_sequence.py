@@ -33,6 +33,7 @@ from moshi.models.loaders import _lm_kwargs, get_moshi_lm  # noqa: E402
 
 from moshi_ttt.models.attention import install_local_attention  # noqa: E402
 from moshi_ttt.models.insert import install_ttt  # noqa: E402
+from moshi_ttt.training.cpu_runtime import keep_freed_memory  # noqa: E402
 from moshi_ttt.training.loss import LossConfig, moshi_loss  # noqa: E402
 
 LENGTHS = (188, 750, 3750, 7500, 22500)
@@ -107,6 +108,8 @@ VARIANTS: list[Variant] = [
     Variant("ttt=hybrid W=256", build_ttt("hybrid", window=256)),
     Variant("ttt=cache_replacement W=256 (all layers)",
             build_ttt("cache_replacement", window=256, layers=[0, 1, 2, 3])),
+    Variant("ttt=cache_replacement kv_slots W=256 (all layers)",
+            build_ttt("cache_replacement", window=256, layers=[0, 1, 2, 3], memory_read="kv_slots")),
 ]
 BASELINE = VARIANTS[0].name
 
@@ -189,7 +192,8 @@ def measure(variant: Variant, frames: int, device: str, dtype: torch.dtype, repe
 
 def run_in_subprocess(variant: Variant, frames: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant.name, "--lengths", str(frames),
-           "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)]
+           "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats),
+           "--allocator", args.allocator]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -254,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
                         help="time used for ratios (default: cpu on CPU, wall on CUDA)")
+    parser.add_argument("--allocator", choices=["keep", "glibc"], default="keep",
+                        help="keep: the training run's host-allocator settings (moshi_ttt.training.cpu_runtime); "
+                             "glibc: the defaults (large blocks mmapped and page-faulted at every use)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -263,13 +270,16 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker is not None:
         variant = next(v for v in VARIANTS if v.name == args.worker)
+        torch.set_flush_denormal(True)
+        if args.allocator == "keep":
+            keep_freed_memory()
         print(json.dumps(measure(variant, lengths[0], args.device, dtype, args.repeats)))
         return
 
     variants = [v for v in VARIANTS if not args.variants or any(s in v.name for s in args.variants)]
     print(f"tiny Moshi dim={TINY_LM_KWARGS['dim']} layers={TINY_LM_KWARGS['num_layers']} "
           f"device={args.device} dtype={args.dtype} threads={args.threads or torch.get_num_threads()} "
-          f"batch=1, forward+backward, base frozen")
+          f"batch=1, forward+backward, base frozen, allocator={args.allocator}")
     results: dict[tuple[str, int], dict] = {}
     for variant in variants:
         for T in lengths:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from moshi_ttt.models.build import build_model, source_config
 from moshi_ttt.models.loading import locate_checkpoint
 from moshi_ttt.training.checkpointing import AtomicCheckpointIO
+from moshi_ttt.training.cpu_runtime import tune_cpu_runtime
 from moshi_ttt.training.curriculum import Curriculum, CurriculumCallback
 from moshi_ttt.training.deepspeed_strategy import previous_checkpoint
 from moshi_ttt.training.loss import LossConfig
@@ -162,8 +162,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule.validate()
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    # Subnormal floats take a ~100x slower path on x86 CPUs; decaying fast-weight updates hit it.
-    torch.set_flush_denormal(True)
+    tune_cpu_runtime(cpu_training=OmegaConf.select(cfg, "trainer.accelerator") == "cpu")
     module = build_module(cfg, curriculum)
     trainer = build_trainer(cfg, curriculum)
     if trainer.is_global_zero:
