@@ -205,14 +205,19 @@ def run_in_subprocess(variant: Variant, frames: int, args: argparse.Namespace) -
     return json.loads(lines[-1])
 
 
-def quadratic_estimate(points: dict[int, float], frames: int) -> float | None:
-    """Extrapolate a dense-attention time with a*T + b*T^2 through the two longest measurements."""
+def quadratic_fit(points: dict[int, float]) -> tuple[float, float] | None:
+    """(a, b) of a*T + b*T^2 through the two longest measurements."""
     if len(points) < 2:
         return None
     (t1, y1), (t2, y2) = sorted(points.items())[-2:]
     b = (y2 / t2 - y1 / t1) / (t2 - t1)
-    a = y1 / t1 - b * t1
-    return a * frames + b * frames * frames
+    return y1 / t1 - b * t1, b
+
+
+def quadratic_estimate(points: dict[int, float], frames: int) -> float | None:
+    """Extrapolate a dense-attention time with a*T + b*T^2 through the two longest measurements."""
+    fit = quadratic_fit(points)
+    return None if fit is None else fit[0] * frames + fit[1] * frames * frames
 
 
 def print_table(results: dict[tuple[str, int], dict], variants: list[Variant], lengths: list[int],
@@ -244,6 +249,9 @@ def print_table(results: dict[tuple[str, int], dict], variants: list[Variant], l
     if base and max(base) < max(lengths) and (est := quadratic_estimate(base, max(lengths))) is not None:
         print(f"(est.) vanilla at T={max(lengths)}: ~{est:.1f} s {clock}, extrapolated as a*T + b*T^2 "
               "through its two longest measurements")
+        linear = quadratic_fit(base)[0] * max(lengths)
+        print(f"       of which the linear part a*T (everything but the T^2 attention) is ~{linear:.1f} s: a "
+              f"variant that keeps it cannot beat vanilla by more than ~{est / linear:.1f}x at T={max(lengths)}")
 
 
 def main(argv: list[str] | None = None) -> None:
