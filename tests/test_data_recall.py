@@ -91,3 +91,20 @@ def test_cli_and_bad_layouts(tmp_path, capsys):
         write_token_recall_shards(tmp_path / "x", 1, TokenRecallSpec(delay_frames=2, cue_frames=4))
     with pytest.raises(ValueError, match="text_card"):
         write_token_recall_shards(tmp_path / "x", 1, TokenRecallSpec(delay_frames=20, text_card=4))
+
+
+def test_same_cue_and_shared_cue_seed(tmp_path):
+    """``same_cue``: the recall cue is the fact cue; ``cue_seed``: splits with different seeds share cues."""
+    spec = TokenRecallSpec(delay_frames=30, same_cue=True)
+    write_token_recall_shards(tmp_path / "a", 3, spec, seed=1, cue_seed=0)
+    write_token_recall_shards(tmp_path / "b", 3, spec, seed=2, cue_seed=0)
+    cues = set()
+    for codes, meta in read(tmp_path / "a") + read(tmp_path / "b"):
+        fact_cue, recall_cue = codes[:, slice(*meta["fact_cue_span"])], codes[:, slice(*meta["recall_cue_span"])]
+        np.testing.assert_array_equal(fact_cue, recall_cue)
+        cues.add(fact_cue.tobytes())
+    assert len(cues) == 1
+    assert ShardIndex.load(tmp_path / "b").extra["recall"]["cue_seed"] == 0
+    write_token_recall_shards(tmp_path / "c", 1, TokenRecallSpec(delay_frames=30), seed=2)
+    (codes, meta), = read(tmp_path / "c")
+    assert codes[:, slice(*meta["fact_cue_span"])].tobytes() not in cues  # default: distinct cues per seed

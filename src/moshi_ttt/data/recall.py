@@ -63,6 +63,12 @@ class TokenRecallSpec:
     text_card: int = 64
     text_padding_id: int = TEXT_PADDING_ID
     end_padding_id: int = END_OF_TEXT_PADDING_ID
+    # True: the recall cue is the fact cue itself, so the fact is retrievable by content
+    # (what follows this cue?) at any delay; False: two different fixed cues.
+    same_cue: bool = False
+    # "all": the fact is text + all 16 codebooks, reproduced whole; "text": the fact is its text
+    # (words); the recall block's audio is fresh random tokens, so only its words can be recalled.
+    fact_streams: str = "all"
 
     def check(self) -> None:
         if self.delay_frames < self.cue_frames:
@@ -74,6 +80,8 @@ class TokenRecallSpec:
             or min(self.fact_start, self.fact_start_jitter, self.tail_frames) < 0
         ):
             raise ValueError(f"invalid recall layout {self}")
+        if self.fact_streams not in ("all", "text"):
+            raise ValueError(f"fact_streams must be 'all' or 'text', got {self.fact_streams!r}")
         if self.text_card <= max(self.text_padding_id, self.end_padding_id) + 1:
             raise ValueError(f"text_card={self.text_card} leaves no word ids besides the special ones")
         if max(self.card, self.text_card) > np.iinfo(np.int16).max:
@@ -97,9 +105,12 @@ def _block(rng: np.random.Generator, n: int, spec: TokenRecallSpec) -> np.ndarra
 
 
 def recall_cues(spec: TokenRecallSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The two fixed cue blocks ("remember this", "what was it?"), shared by every sample of a set."""
+    """The two fixed cue blocks ("remember this", "what was it?"), shared by every sample of a set
+    (one block twice when ``spec.same_cue``)."""
     rng = np.random.default_rng([seed, 0xC0E])
     cues = _block(rng, spec.cue_frames, spec), _block(rng, spec.cue_frames, spec)
+    if spec.same_cue:
+        cues = cues[0], cues[0].copy()
     for cue in cues:  # the fact that follows a cue starts with a word: end the padding before it
         if cue[0, -1] == spec.text_padding_id:
             cue[0, -1] = spec.end_padding_id
@@ -122,6 +133,8 @@ def token_recall_sample(
     codes[:, fact_span[0] : fact_span[1]] = fact
     codes[:, recall_span[0] - spec.cue_frames : recall_span[0]] = cues[1]
     codes[:, recall_span[0] : recall_span[1]] = fact
+    if spec.fact_streams == "text":
+        codes[1:, recall_span[0] : recall_span[1]] = rng.integers(0, spec.card, size=(NUM_STREAMS - 1, spec.fact_frames))
     meta = {
         "task": "recall",
         "level": "tokens",
@@ -133,6 +146,8 @@ def token_recall_sample(
         "recall_cue_span": [recall_span[0] - spec.cue_frames, recall_span[0]],
         "fact_text": [int(x) for x in fact[0]],
     }
+    if spec.fact_streams != "all":
+        meta["fact_streams"] = spec.fact_streams
     return codes.astype(np.int16), meta
 
 
@@ -143,19 +158,25 @@ def write_token_recall_shards(
     seed: int = 0,
     samples_per_shard: int = 64,
     prefix: str = "recall",
+    cue_seed: int | None = None,
 ) -> ShardIndex:
-    """``num_samples`` token-level recall conversations as token shards (``index.json`` extra: ``recall``)."""
+    """``num_samples`` token-level recall conversations as token shards (``index.json`` extra: ``recall``).
+
+    The cues derive from ``cue_seed`` (default: ``seed``): sets written with different seeds but
+    one ``cue_seed`` (train / held-out / pretraining splits) share their cues."""
     spec.check()
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     out_dir = Path(out_dir)
     _clear_previous(out_dir)
-    cues = recall_cues(spec, seed)
+    cue_seed = seed if cue_seed is None else cue_seed
+    cues = recall_cues(spec, cue_seed)
     index = ShardIndex(
         extra={
             "recall": {
                 "level": "tokens",
                 "seed": seed,
+                "cue_seed": cue_seed,
                 "num_samples": num_samples,
                 "delay_seconds": spec.delay_frames / FRAME_RATE,
                 **asdict(spec),
@@ -311,6 +332,9 @@ def main(argv=None) -> int:
     tok.add_argument(
         "--text-card", type=int, default=64, help="text vocabulary of the model (32000 for Moshi)"
     )
+    tok.add_argument("--fact-streams", choices=("all", "text"), default="all",
+                     help="all: the fact is text + 16 codebooks; text: only its words recur")
+    tok.add_argument("--same-cue", action="store_true", help="recall cue = fact cue (content-addressable)")
     tok.add_argument("--samples-per-shard", type=int, default=64)
     aud.add_argument("--tokenizer", required=True)
     aud.add_argument("--mimi", required=True)
@@ -332,6 +356,8 @@ def main(argv=None) -> int:
             cue_frames=args.cue_frames,
             card=args.card,
             text_card=args.text_card,
+            same_cue=args.same_cue,
+            fact_streams=args.fact_streams,
         )
         index = write_token_recall_shards(
             args.out_dir, args.num_samples, spec, args.seed, args.samples_per_shard
