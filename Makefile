@@ -55,7 +55,7 @@ demo: install demo-data
 	$(PY) train.py experiment=demo
 
 # The headline experiment: can each TTT variant recall a fact beyond the attention window?
-memory-proof: install demo-data
+memory-proof: install
 	$(PY) -m moshi_ttt.memory_proof --out outputs/memory_proof
 
 test: install

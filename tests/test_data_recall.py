@@ -108,3 +108,23 @@ def test_same_cue_and_shared_cue_seed(tmp_path):
     write_token_recall_shards(tmp_path / "c", 1, TokenRecallSpec(delay_frames=30), seed=2)
     (codes, meta), = read(tmp_path / "c")
     assert codes[:, slice(*meta["fact_cue_span"])].tobytes() not in cues  # default: distinct cues per seed
+
+
+def test_pairs_recall_layout_and_scored_frames(tmp_path):
+    from moshi_ttt.data.recall import PairsRecallSpec, pairs_recall_sample, write_pairs_recall_shards
+
+    spec = PairsRecallSpec(gaps=(40,), pairs=(4,))
+    codes, meta = pairs_recall_sample(np.random.default_rng(0), spec)
+    text = codes[0]
+    assert codes.shape == (17, spec.frames()) and not codes[1:].any()  # audio: one constant code
+    stated = dict(zip(text[1:9:2].tolist(), text[2:9:2].tolist()))
+    a, b = meta["recall_span"]
+    asked = text[a:b]
+    assert sorted(asked[0::2].tolist()) == sorted(stated)  # every key is asked again...
+    assert all(stated[k] == v for k, v in zip(asked[0::2].tolist(), asked[1::2].tolist()))  # ...with its value
+    assert meta["recall_frames"] == list(range(a + 1, b, 2)) and meta["delay_frames"] == 41
+    assert set(text[a + 1 : b : 2].tolist()) <= set(spec.value_ids) and not set(stated) & set(spec.value_ids)
+    index = write_pairs_recall_shards(tmp_path, 10, spec, seed=3)
+    assert index.total_samples == 10 and len(read(tmp_path)) == 10
+    with pytest.raises(ValueError, match="num_keys"):
+        PairsRecallSpec(gaps=(4,), num_keys=70).check()

@@ -192,6 +192,91 @@ def write_token_recall_shards(
     return writer.index
 
 
+# ---- associative recall (key -> value pairs, queried later) ----------------------------------
+@dataclass
+class PairsRecallSpec:
+    """Multi-query associative recall in Moshi's text stream (audio: a constant silence code).
+
+    A conversation states ``pairs`` key/value word pairs (one word per frame: k1 v1 k2 v2 ...),
+    then ``gap`` frames of text padding, then asks every key again in a random order, each
+    followed by its value. The scored tokens are the values of the queries: predicting one
+    means finding where its key was stated and copying the word after it (an induction-style
+    lookup), which attention can only do while the pairs are inside its window. ``gaps`` lists
+    the gaps a set draws from (uniformly), so one set can mix inside- and beyond-window cases.
+    """
+
+    gaps: tuple[int, ...]
+    pairs: tuple[int, ...] = (4,)  # pair counts a sample draws from
+    num_keys: int = 28  # keys and values come from disjoint ranges of word ids
+    text_card: int = 64
+    text_padding_id: int = TEXT_PADDING_ID
+    end_padding_id: int = END_OF_TEXT_PADDING_ID
+
+    def check(self) -> None:
+        low = max(self.text_padding_id, self.end_padding_id) + 1
+        if not self.gaps or min(self.gaps) < 0 or not self.pairs or min(self.pairs) < 1:
+            raise ValueError(f"invalid pairs layout {self}: need gaps >= 0 and pairs >= 1")
+        if low + self.num_keys >= self.text_card or max(self.pairs) > self.num_keys:
+            raise ValueError(f"num_keys={self.num_keys} and text_card={self.text_card} leave no room for values "
+                             f"(or pairs={max(self.pairs)} exceeds the keys)")
+
+    def frames(self) -> int:
+        """Length of the longest conversation of the set."""
+        return 1 + 4 * max(self.pairs) + max(self.gaps) + 2
+
+    @property
+    def value_ids(self) -> range:
+        return range(max(self.text_padding_id, self.end_padding_id) + 1 + self.num_keys, self.text_card)
+
+
+def pairs_recall_sample(rng: np.random.Generator, spec: PairsRecallSpec) -> tuple[np.ndarray, dict]:
+    low = max(spec.text_padding_id, spec.end_padding_id) + 1
+    n = int(rng.choice(spec.pairs))
+    gap = int(rng.choice(spec.gaps))
+    keys = low + rng.permutation(spec.num_keys)[:n]
+    values = rng.choice(np.asarray(spec.value_ids), size=n)
+    order = rng.permutation(n)
+    stated = np.stack([keys, values], 1).reshape(-1)
+    asked = np.stack([keys[order], values[order]], 1).reshape(-1)
+    pad = spec.text_padding_id
+    text = np.concatenate([[pad], stated, np.full(gap, pad), asked, [pad, pad]])
+    codes = np.zeros((NUM_STREAMS, len(text)), dtype=np.int64)  # audio: one constant (silence) code
+    codes[0] = text
+    first_query = 1 + 2 * n + gap
+    value_frames = [first_query + 2 * i + 1 for i in range(n)]
+    meta = {
+        "task": "recall",
+        "level": "tokens",
+        "layout": "pairs",
+        "fact_streams": "text",
+        "pairs": n,
+        "gap_frames": gap,
+        # the nearest stated pair is this far behind the first query (the farthest, 2 * pairs more)
+        "delay_frames": first_query - (2 * n + 1) + 1,
+        "fact_span": [1, 1 + 2 * n],
+        "recall_span": [first_query, first_query + 2 * n],
+        "recall_frames": value_frames,
+    }
+    return codes.astype(np.int16), meta
+
+
+def write_pairs_recall_shards(out_dir: str | Path, num_samples: int, spec: PairsRecallSpec, seed: int = 0,
+                              samples_per_shard: int = 256, prefix: str = "pairs") -> ShardIndex:
+    """``num_samples`` associative-recall conversations as token shards (``index.json`` extra: ``recall``)."""
+    spec.check()
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    out_dir = Path(out_dir)
+    _clear_previous(out_dir)
+    index = ShardIndex(extra={"recall": {"level": "tokens", "layout": "pairs", "seed": seed,
+                                         "num_samples": num_samples, **asdict(spec)}})
+    with TokenShardWriter(out_dir, prefix=prefix, max_samples_per_shard=samples_per_shard, index=index) as writer:
+        for i in range(num_samples):
+            codes, meta = pairs_recall_sample(np.random.default_rng([seed, i, 0xA5]), spec)
+            writer.write(f"{prefix}-{seed}-{i:07d}", codes, meta)
+    return writer.index
+
+
 def _clear_previous(out_dir: Path) -> None:
     """A rebuilt set replaces the old one: its listed shards go, so none lingers unindexed."""
     if (out_dir / "index.json").exists():

@@ -10,6 +10,9 @@ argmax prediction at that position equals the target. Scored tokens, per the set
   the fact's words) are left out: they follow from the layout, not from the fact.
 - audio-level set (``meta.level == "audio"``): ``recall_span`` covers the code word's text
   tokens; the text stream is scored (Moshi's audio of the word need not repeat token for token).
+- ``meta.fact_streams == "text"``: the fact lives in the words only; the text stream is scored.
+- ``meta.recall_frames`` (e.g. the associative-recall set's query values): only those frames of
+  ``recall_span`` are scored.
 
 ``chance`` is the accuracy of a predictor that picks uniformly among the vocabulary:
 the scored tokens' mean of ``1 / text_card`` (text) and ``1 / card`` (audio).
@@ -65,8 +68,12 @@ def recall_report(model, shards: str | list[str], max_samples: int | None = None
             a, b = (int(x) for x in sample.meta["recall_span"])
             target_text = codes[i, 0, a:b]
             text_ok = out.text_mask[i, 0, a:b] & (target_text >= 0) & ~torch.isin(target_text, pads)
+            if "recall_frames" in sample.meta:  # only these frames of the span carry recalled tokens
+                chosen = torch.zeros_like(text_ok)
+                chosen[torch.tensor([int(f) - a for f in sample.meta["recall_frames"]], device=device)] = True
+                text_ok &= chosen
             text_hit = (out.text_logits[i, 0, a:b].argmax(-1) == target_text) & text_ok
-            if sample.meta.get("level", "tokens") == "audio":
+            if sample.meta.get("level", "tokens") == "audio" or sample.meta.get("fact_streams") == "text":
                 audio_ok = audio_hit = torch.zeros(0, dtype=torch.bool, device=device)
             else:
                 dep_q, off = out.logits.shape[1], int(getattr(model, "audio_offset", 1))
