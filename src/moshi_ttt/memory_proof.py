@@ -62,7 +62,7 @@ def _model_overrides(args) -> list[str]:
 def _stage(name: str, frames: int, steps: int, args) -> str:
     """A curriculum stage as a Hydra override value."""
     return (f"{{name:{name},seconds:{frames / 12.5},steps:{steps},batch_size:{args.batch_size},"
-            f"lr:{args.ttt_lr},warmup_steps:{min(20, steps // 4)}}}")
+            f"lr:{args.ttt_lr},warmup_steps:{min(20, steps // 4)},min_lr_ratio:1.0}}")  # constant after warmup
 
 
 def _score(model, shards: str, args, late_start: int | None) -> dict:
@@ -125,7 +125,7 @@ def run(args) -> dict:
     for variant in args.variants:
         t = time.perf_counter()
         if not (args.reuse and (out / "export" / variant / "config.json").exists()):
-            warm = max(1, args.variant_steps // 6)
+            warm = max(1, args.variant_steps // 10)
             cfg = _compose([
                 *_model_overrides(args), *common, *VARIANTS[variant], "curriculum=demo", f"run_name={variant}",
                 "model.source=dir", f"model.path={base_dir}", f"data.train_shards={out / 'pairs_train'}",
