@@ -52,6 +52,7 @@ def _model_section(path: str) -> dict:
 def load_model(kind: str, path: str, base_override: dict | None = None, device: str | None = None):
     """An eval-mode LMModel for one parsed spec (every parameter frozen)."""
     from moshi_ttt.models import build_model, load_exported
+    from moshi_ttt.models.build import load_trained_weights
 
     if kind == "export":
         return load_exported(path, base=base_override, device=device)
@@ -71,13 +72,7 @@ def load_model(kind: str, path: str, base_override: dict | None = None, device: 
         ckpt = Path(path) / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
             raise FileNotFoundError(f"run {path}: no checkpoints/last.ckpt")
-        state = trained_state_dict(ckpt)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(state) != trainable:
-            raise ValueError(f"{ckpt}: weights do not match the run's adapters (missing "
-                             f"{sorted(trainable - set(state))[:3]}, unexpected {sorted(set(state) - trainable)[:3]})")
-        dtype = next(model.parameters()).dtype
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        load_trained_weights(model, trained_state_dict(ckpt), ckpt)
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     for p in model.parameters():

@@ -58,12 +58,18 @@ def load_exported(export_dir, base: Mapping | None = None, device: str | None = 
         model_cfg["device"] = device
     model = build_model(model_cfg, meta["ttt"])
     state = load_file(str(export_dir / "ttt_weights.safetensors"), device=model_cfg.get("device", "cpu"))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(state) != trainable:
-        raise ValueError(f"{export_dir}: weights do not match the configured adapters (missing "
-                         f"{sorted(trainable - set(state))[:3]}, unexpected {sorted(set(state) - trainable)[:3]})")
-    dtype = next(model.parameters()).dtype
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    load_trained_weights(model, state, export_dir)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def load_trained_weights(model: LMModel, state: Mapping, source) -> None:
+    """Load the trained (TTT / LoRA) weights into a freshly built model; ``state`` must hold
+    exactly its trainable parameters (an error names ``source`` and the first mismatches)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise ValueError(f"{source}: weights do not match the configured adapters (missing "
+                         f"{sorted(trainable - set(state))[:3]}, unexpected {sorted(set(state) - trainable)[:3]})")
+    dtype = next(model.parameters()).dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
