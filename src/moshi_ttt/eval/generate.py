@@ -28,7 +28,6 @@ step's audio tokens.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -163,13 +162,9 @@ class Timeline:
                   "audio_repetition_rate", "audio_loop_coverage", "text")
 
     def write_csv(self, path) -> Path:
-        path = Path(path)
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            for row in self.windows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        return path
+        from moshi_ttt.eval.position_loss import write_csv_rows
+
+        return write_csv_rows(path, self.CSV_FIELDS, self.windows)
 
 
 @torch.no_grad()

@@ -164,13 +164,7 @@ class LossComparison:
                   "text_loss", "audio_loss", "tokens")
 
     def write_csv(self, path) -> Path:
-        path = Path(path)
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            for row in self.rows():
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        return path
+        return write_csv_rows(path, self.CSV_FIELDS, self.rows())
 
     def write_json(self, path) -> Path:
         path = Path(path)
@@ -214,6 +208,17 @@ class LossComparison:
 
 def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def write_csv_rows(path, fields, rows) -> Path:
+    """Rows (dicts) as CSV with the given columns (others ignored), floats to 6 significant digits."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
 
 
 def _json_safe(obj):
