@@ -125,24 +125,17 @@ class CacheReplacementAttention(LocalStreamingAttention):
     def _memory_read(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         state = self._streaming_state
-        q, k, v = self.project_qkv(x, rope=False)  # pre-RoPE: content only, the memory is position-free
+        q, k, v, lr = self._memory_inputs(x)  # pre-RoPE: content only, the memory is position-free
         with torch.autocast(device_type=x.device.type, enabled=False):
             dtype = torch.promote_types(x.dtype, torch.float32)
             q, k, v = F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1), v.to(dtype)
-            logits = F.linear(x.to(dtype), self.lr_proj.weight.to(dtype), self.lr_proj.bias.to(dtype))
-            lr = self.memory.eta(logits).transpose(1, 2)
             read, new_state = self.memory(q, k, v, lr, state.ttt if state is not None else None)
         if state is not None:
             state.ttt = new_state
         read = read.transpose(1, 2).reshape(B, T, self.embed_dim)
         out = self.read_proj(self.read_norm(read.to(self.read_norm.weight.dtype)))
-        gate = torch.tanh(self.gate_alpha)
-        y = (gate * out).to(x.dtype)
-        with torch.no_grad():
-            stats = self.memory.weight_stats(new_state)
-            stats.update(eta_mean=lr.mean(), eta_min=lr.min(), eta_max=lr.max(), gate_mean_abs=gate.abs().mean())
-            self._stats = stats
-        return y
+        self._record_stats(new_state, lr)
+        return (torch.tanh(self.gate_alpha) * out).to(x.dtype)
 
     # ---- kv_slots ------------------------------------------------------------------------
     def _memory_inputs(self, x: torch.Tensor):
