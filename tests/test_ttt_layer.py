@@ -1,4 +1,4 @@
-"""TTT layers against a naive reference: explicit per-token gradients with autograd, float64.
+"""TTT layers against ``moshi_ttt.ttt.reference``: explicit per-token gradients with autograd, float64.
 
 The reference never uses the dual form, the manual LayerNorm gradient or the scan: for every
 mini-batch it takes each token's inner-loss gradient at the mini-batch's start weights with
@@ -10,112 +10,18 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+import yaml
 
 from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTMemory, TTTState, ttt_scan
+from moshi_ttt.ttt.reference import reference_layer, reference_memory
 
 DIM = 8  # 2 heads of 4
 TOL = {"rtol": 1e-8, "atol": 1e-8}
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def _g(kind, w, x):
-    if kind == "linear":
-        return x @ w["W"] + w["b"]
-    return F.gelu(x @ w["W1"] + w["b1"]) @ w["W2"] + w["b2"]
-
-
-def _clip(w, c):
-    if c is None:
-        return w
-    return {k: t * (c / torch.clamp(t.norm(), min=c)) for k, t in w.items()}
-
-
-def _naive_head(kind, w0, ln_w, ln_b, eps, tok, b, q, k, v, lr, lag=0, clip=None):
-    """Outputs [Tq, d] of one head of one sample; q may be a different stream than k (same length)."""
-    T = k.shape[0]
-
-    def f_ln(z):
-        return F.layer_norm(z, (z.shape[-1],), ln_w, ln_b, eps)
-
-    W, history, rows = dict(w0), [dict(w0)], []
-    for m0 in range(0, T, b):
-        idx = list(range(m0, min(m0 + b, T)))
-        grads = []
-        for j in idx:
-            loss = 0.5 * (f_ln(_g(kind, W, k[j : j + 1])) - (v[j : j + 1] - k[j : j + 1])).pow(2).sum()
-            grads.append(dict(zip(W, torch.autograd.grad(loss, list(W.values()), create_graph=True))))
-        if lag == 0:  # position i reads W - sum_{j<=i} tok_i * lr_j * grad_j (eta_ij = tok_i * lr_j)
-            acc = {n: torch.zeros_like(t) for n, t in W.items()}
-            for i in idx:
-                acc = {n: acc[n] + lr[i] * grads[i - m0][n] for n in W}
-                Wi = {n: W[n] - tok[i - m0] * acc[n] for n in W}
-                rows.append(q[i : i + 1] + f_ln(_g(kind, Wi, q[i : i + 1])))
-        if len(idx) == b:
-            W = _clip({n: W[n] - sum(tok[b - 1] * lr[j] * grads[j - m0][n] for j in idx) for n in W}, clip)
-            history.append(W)
-    if lag:
-        for i in range(T):
-            Wr = history[max(0, i // b - lag + 1)]
-            rows.append(q[i : i + 1] + f_ln(_g(kind, Wr, q[i : i + 1])))
-    return torch.cat(rows)
-
-
-def _tok(mem):
-    base = 1.0 / torch.arange(1, mem.mini_batch_size + 1, dtype=torch.float64)
-    return base if mem.token_bias is None else (base + mem.token_bias).clamp_min(0.0)
-
-
-def naive_memory(mem: TTTMemory, xq, xk, xv, lr):
-    B, H = xk.shape[:2]
-    c = mem.config
-    rows = []
-    for s in range(B):
-        heads = []
-        for h in range(H):
-            w0 = {n: p[h] for n, p in mem.initial.items()}
-            heads.append(
-                _naive_head(
-                    c.inner, w0, mem.ln_weight[h], mem.ln_bias[h], c.ln_eps, _tok(mem), mem.mini_batch_size,
-                    xq[s, h], xk[s, h], xv[s, h], lr[s, h], mem.read_lag, c.weight_norm_clip,
-                )
-            )  # fmt: skip
-        rows.append(torch.stack(heads))
-    return torch.stack(rows)
-
-
-def naive_layer(layer: TTTLayer, x):
-    c, H, d = layer.config, layer.num_heads, layer.head_dim
-    B, T, _ = x.shape
-    mem = layer.memory
-    ys = []
-    for s in range(B):
-        heads = []
-        for h in range(H):
-            sl = slice(h * d, (h + 1) * d)
-            q, k, v = (x[s] @ p.weight[sl].T for p in (layer.q_proj, layer.k_proj, layer.v_proj))
-            if c.qk_l2_norm:
-                q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
-            lr = c.base_lr * torch.sigmoid(x[s] @ layer.lr_proj.weight[h] + layer.lr_proj.bias[h]) / d
-            lr = lr.clamp(c.eta_min, c.eta_max)
-            w0 = {n: p[h] for n, p in mem.initial.items()}
-            heads.append(
-                _naive_head(
-                    c.inner, w0, mem.ln_weight[h], mem.ln_bias[h], c.ln_eps, _tok(mem), mem.mini_batch_size,
-                    q, k, v, lr, 0, c.weight_norm_clip,
-                )
-            )  # fmt: skip
-        o = torch.cat(heads, dim=-1)
-        o = F.layer_norm(o, (H * d,), layer.post_norm.weight, layer.post_norm.bias, layer.post_norm.eps)
-        if layer.out_proj is not None:
-            o = o @ layer.out_proj.weight.T
-        ys.append(torch.tanh(layer.gate_alpha) * o)
-    return torch.stack(ys)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -177,22 +83,22 @@ def random_chunks(T, rng, max_chunk=7):
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 @pytest.mark.parametrize("b,T", [(1, 5), (4, 12), (4, 14), (16, 32), (16, 21)])
-def test_dual_form_matches_naive(inner, b, T):
+def test_dual_form_matches_reference(inner, b, T):
     layer = make_layer(inner, b, seed=b + T)
     x = torch.randn(2, T, DIM, dtype=torch.float64, requires_grad=True)  # two different samples
     y, state = layer(x)
-    y_ref = naive_layer(layer, x)
+    y_ref = reference_layer(layer, x)
     torch.testing.assert_close(y, y_ref, **TOL)
     assert y.abs().max() > 1e-3  # a real signal, not a zero output compared with zero
     assert_all_close(grads_of(layer, y, x), grads_of(layer, y_ref, x))
     assert state.lengths == (T % b,) * 2 and state.positions == (T, T)
 
 
-def test_weight_norm_clip_matches_naive_and_bounds_weights():
+def test_weight_norm_clip_matches_reference_and_bounds_weights():
     layer = make_layer("mlp", 4, seed=3, weight_norm_clip=1.5)
     x = torch.randn(2, 13, DIM, dtype=torch.float64, requires_grad=True)
     y, state = layer(x)
-    y_ref = naive_layer(layer, x)
+    y_ref = reference_layer(layer, x)
     torch.testing.assert_close(y, y_ref, **TOL)
     assert_all_close(grads_of(layer, y, x), grads_of(layer, y_ref, x))
     for w in state.weights.values():
@@ -203,7 +109,7 @@ def test_weight_norm_clip_matches_naive_and_bounds_weights():
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 @pytest.mark.parametrize("lag", [0, 1, 2, 3])
-def test_lagged_read_of_separate_stream_matches_naive(inner, lag):
+def test_lagged_read_of_separate_stream_matches_reference(inner, lag):
     torch.manual_seed(lag)
     layer = make_layer(inner, 4, seed=lag)
     mem = TTTMemory(layer.config, 4, read_lag=lag).double()
@@ -212,7 +118,7 @@ def test_lagged_read_of_separate_stream_matches_naive(inner, lag):
     xq, xk, xv = (torch.randn(B, H, T, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
     lr = (0.1 * torch.rand(B, H, T, dtype=torch.float64)).requires_grad_()
     out, state = mem(xq, xk, xv, lr)
-    ref = naive_memory(mem, xq, xk, xv, lr)
+    ref = reference_memory(mem, xq, xk, xv, lr)
     torch.testing.assert_close(out, ref, **TOL)
     assert_all_close(grads_of(mem, out, xq, xk, xv, lr), grads_of(mem, ref, xq, xk, xv, lr))
     # the write stream stays unwritten for the lagged mini-batches the next read still needs unseen
@@ -438,13 +344,28 @@ def test_health_stats_and_gated_zero_start():
     assert h["out_in_norm_ratio"] > 0 and h["eta_max"] == pytest.approx(0.01)
 
 
-def test_config_errors_name_the_setting():
-    with pytest.raises(ValueError, match="ttt.inner"):
+def test_config_errors_name_the_hydra_key():
+    """Every message names the key as a user sets it (ttt.layer.<field>), never a key that does not exist."""
+    with pytest.raises(ValueError, match=r"^ttt\.layer\.inner='rnn' must be one of"):
         TTTConfig(inner="rnn")
-    with pytest.raises(ValueError, match="ttt.mini_batch_size"):
+    with pytest.raises(ValueError, match=r"^ttt\.layer\.mini_batch_size=0 is out of range"):
         TTTConfig(mini_batch_size=0)
-    with pytest.raises(ValueError, match="ttt.num_heads"):
+    with pytest.raises(ValueError, match=r"^ttt\.layer\.num_heads=3 does not divide .* set ttt\.layer\.head_dim"):
         TTTLayer(TTTConfig(num_heads=3), 16)
-    with pytest.raises(ValueError, match="ttt.output_proj"):
+    with pytest.raises(ValueError, match=r"^ttt\.layer\.output_proj=false"):
         TTTLayer(TTTConfig(num_heads=2, head_dim=4, output_proj=False), 16)
-    assert TTTConfig(inner="mlp").mini_batch_size == 64 and TTTConfig().mini_batch_size == 16
+    # one default for both inner models, the one conf/ttt/_layer_defaults.yaml sets
+    defaults = yaml.safe_load((Path(__file__).parents[1] / "conf/ttt/_layer_defaults.yaml").read_text())["layer"]
+    assert TTTConfig(inner="mlp").mini_batch_size == TTTConfig().mini_batch_size == defaults["mini_batch_size"]
+
+
+def test_divergence_message_names_existing_keys():
+    layer = make_layer("linear", 4, seed=9)
+    with torch.no_grad():
+        layer.memory.initial["W"][0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError) as info:
+        layer(torch.randn(1, 4, DIM, dtype=torch.float64))
+    keys = re.findall(r"ttt\.[a-z_.]+", str(info.value))
+    assert keys == ["ttt.layer.base_lr", "ttt.layer.eta_max", "ttt.layer.weight_norm_clip"]
+    fields = set(TTTConfig.__dataclass_fields__)
+    assert all(k.removeprefix("ttt.layer.") in fields for k in keys)

@@ -5,6 +5,8 @@
 - ``TTTMemory(config, head_dim, read_lag)``: the memory alone, written with (k, v), read with q.
 - ``TTTState``: per-sample fast weights plus the unwritten tail, for streaming and resets.
 - ``ttt_scan``: the functional dual-form scan, with a separate query stream and a read lag.
+- ``reference`` (imported on demand): the same computation written plainly, token by token; read
+  it first, the tests hold the fast path to it.
 """
 
 from moshi_ttt.ttt.config import TTTConfig

@@ -5,14 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INNER_MODELS = ("linear", "mlp")
-DEFAULT_MINI_BATCH = {"linear": 16, "mlp": 64}
+#: Where these settings live in the Hydra config: every error message names ``<CONFIG_KEY>.<field>``.
+CONFIG_KEY = "ttt.layer"
+
+
+def config_key(field: str) -> str:
+    """The full Hydra key of a TTTConfig field, as a user types it on the command line."""
+    return f"{CONFIG_KEY}.{field}"
 
 
 @dataclass
 class TTTConfig:
     """Hyper-parameters of a multi-head TTT layer (Sun et al., 2024, with the video-TTT guards).
 
-    Field names are the keys of the Hydra ``ttt`` group, so errors name them as ``ttt.<field>``.
+    Field names are the keys under ``ttt.layer`` in the Hydra config, and errors name them so.
     """
 
     num_heads: int = 4
@@ -22,8 +28,10 @@ class TTTConfig:
     inner: str = "linear"
     #: Hidden width of the MLP inner model, as a multiple of head_dim.
     mlp_expansion: int = 4
-    #: Tokens per inner gradient step; ``None`` picks 16 for linear and 64 for MLP (the paper's values).
-    mini_batch_size: int | None = None
+    #: Tokens (frames, 80 ms each) per inner gradient step, for both inner models: 16 as in the TTT
+    #: language models (Sun et al., 2024); the video model's 64 for MLP would update the memory
+    #: only every 5 s of conversation.
+    mini_batch_size: int = 16
     #: eta = base_lr * sigmoid(x . w + b) / head_dim, then clamped to [eta_min, eta_max].
     base_lr: float = 1.0
     eta_min: float = 0.0
@@ -50,9 +58,7 @@ class TTTConfig:
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_MODELS:
-            raise ValueError(f"ttt.inner={self.inner!r} must be one of {INNER_MODELS}")
-        if self.mini_batch_size is None:
-            self.mini_batch_size = DEFAULT_MINI_BATCH[self.inner]
+            raise ValueError(f"{config_key('inner')}={self.inner!r} must be one of {INNER_MODELS}")
         checks = {
             "num_heads": self.num_heads >= 1,
             "head_dim": self.head_dim is None or self.head_dim >= 1,
@@ -68,7 +74,7 @@ class TTTConfig:
         }
         for key, ok in checks.items():
             if not ok:
-                raise ValueError(f"ttt.{key}={getattr(self, key)!r} is out of range")
+                raise ValueError(f"{config_key(key)}={getattr(self, key)!r} is out of range")
 
     def resolve_head_dim(self, dim: int) -> int:
         """The head width inside a layer of model width ``dim``."""
@@ -76,6 +82,7 @@ class TTTConfig:
             return self.head_dim
         if dim % self.num_heads:
             raise ValueError(
-                f"ttt.num_heads={self.num_heads} does not divide the model dim {dim}; set ttt.head_dim"
+                f"{config_key('num_heads')}={self.num_heads} does not divide the model dim {dim}; "
+                f"set {config_key('head_dim')}"
             )
         return dim // self.num_heads

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from moshi_ttt.ttt.config import config_key
+
 Tensor = torch.Tensor
 
 
@@ -37,7 +39,7 @@ def check_finite(
         raise FloatingPointError(
             f"TTT layer {name!r}: non-finite output at sample {s}, position {positions[s] + t} "
             f"(index {t} of this chunk of {out.shape[1]}) with a finite input: the fast weights diverged "
-            "(lower ttt.base_lr or ttt.eta_max, or set ttt.weight_norm_clip)"
+            f"(lower {config_key('base_lr')} or {config_key('eta_max')}, or set {config_key('weight_norm_clip')})"
         )
     for k, w in weights.items():
         bad_w = ~torch.isfinite(w.flatten(1)).all(-1)

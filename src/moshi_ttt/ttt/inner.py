@@ -6,6 +6,7 @@ The dual form computes those reads without materialising any W_i (Sun et al., 20
 for a linear map, q_i W_i = q_i W0 - sum_j eta_ij (q_i . k_j) grad_z_j, an attention-like
 product. Only the last position's weights are kept as the new state. LN gradients are written
 out by hand so the step is a plain differentiable function for the outer backward.
+``moshi_ttt.ttt.reference`` builds every W_i explicitly with autograd: what this file must equal.
 
 Shapes: fast weights carry [B, H, ...]; token blocks are [B, H, b, d]; ``ln`` is the per-head
 LayerNorm (weight [1, H, 1, d], bias [1, H, 1, d], eps) shared by all samples.
@@ -18,6 +19,8 @@ from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
+
+from moshi_ttt.ttt.config import config_key
 
 Tensor = torch.Tensor
 Weights = dict[str, Tensor]
@@ -189,4 +192,4 @@ def make_inner(kind: str, head_dim: int, mlp_expansion: int = 4) -> InnerModel:
         return LinearInner(head_dim)
     if kind == "mlp":
         return MLPInner(head_dim, mlp_expansion)
-    raise ValueError(f"ttt.inner={kind!r} must be 'linear' or 'mlp'")
+    raise ValueError(f"{config_key('inner')}={kind!r} must be 'linear' or 'mlp'")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moshi_ttt.ttt.config import TTTConfig
+from moshi_ttt.ttt.config import TTTConfig, config_key
 from moshi_ttt.ttt.guard import check_finite
 from moshi_ttt.ttt.memory import TTTMemory
 from moshi_ttt.ttt.state import TTTState
@@ -36,7 +36,8 @@ class TTTLayer(nn.Module):
         inner_width = H * d
         if not config.output_proj and inner_width != dim:
             raise ValueError(
-                f"ttt.output_proj=false needs num_heads * head_dim = {inner_width} to equal the model dim {dim}"
+                f"{config_key('output_proj')}=false needs num_heads * head_dim = {inner_width} to equal the "
+                f"model dim {dim}"
             )
         std = config.init_std
         self.q_proj = nn.Linear(dim, inner_width, bias=False)
@@ -75,8 +76,7 @@ class TTTLayer(nn.Module):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             if self.config.qk_l2_norm:
                 q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-            logits = F.linear(x.to(dtype), self.lr_proj.weight.to(dtype), self.lr_proj.bias.to(dtype))
-            lr = self.memory.eta(logits).transpose(1, 2)  # [B, H, T]
+            lr = self.memory.learning_rates(self.lr_proj, x)  # [B, H, T]
             out, new_state = self.memory(q, k, v, lr, state)
             out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
             if self.config.nan_guard:

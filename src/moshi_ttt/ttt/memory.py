@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moshi_ttt.ttt.config import TTTConfig
@@ -63,6 +64,14 @@ class TTTMemory(nn.Module):
         """Per-token, per-head learning rate from gate logits: base_lr * sigmoid / head_dim, clamped."""
         c = self.config
         return (c.base_lr * torch.sigmoid(logits) / self.head_dim).clamp(c.eta_min, c.eta_max)
+
+    def learning_rates(self, lr_proj: nn.Linear, x: Tensor) -> Tensor:
+        """eta [B, H, T] of the stream x [B, T, dim] through the owner's ``lr_proj`` (dim -> H),
+        in fp32 whatever the autocast dtype: the one lr -> eta path of every TTT module."""
+        dtype = inner_dtype(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.to(dtype), lr_proj.weight.to(dtype), lr_proj.bias.to(dtype))
+            return self.eta(logits).transpose(1, 2)
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> TTTState:
         """Every sample at the learned initial weights, nothing buffered."""

@@ -12,6 +12,9 @@ Read lag (in mini-batches) decides which weights a query sees:
   j-L was written (the initial weights when j < L). The write stream never meets its own
   queries, which is what a memory of the keys/values evicted from a local window needs.
 Only complete mini-batches are written; a trailing partial one is read (lag 0) but never committed.
+
+The same computation written token by token, without the dual form, is ``moshi_ttt.ttt.reference``
+(one page, the definition to read first); the tests hold this scan to it at 1e-8 in float64.
 """
 
 from __future__ import annotations
