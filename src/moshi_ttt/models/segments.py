@@ -2,33 +2,56 @@
 
 A packed sequence joins several conversations; with the ``reset_at_boundaries`` packing
 policy the TTT memory must start afresh where each one starts, as it would at inference.
-The LightningModule sets the batch's ``segments`` ([B, T] ids) around the forward with
-``segment_context``; TTT modules read ``current_segments()`` in their training forward.
+
+The boundaries are *bound* for a whole training step, forward and backward, because the
+forward is run twice when activations are checkpointed: once in the step and again inside
+``loss.backward()``, where moshi's ``torch.utils.checkpoint`` recomputes each layer (and, on
+CUDA, on the autograd engine's device threads). A context variable set around the forward is
+gone by then, so the recomputation took the unsegmented path and saved a different set of
+tensors (``CheckpointError``). The binding is therefore plain process state that every thread
+sees: the LightningModule binds a batch's ``segments`` ([B, T] ids) before its forward and
+releases them after its backward (``on_after_backward``) or after a forward-only step.
+TTT modules read ``current_segments()`` in their training forward (never while streaming).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 
 import torch
 
-_SEGMENTS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("moshi_ttt_segments", default=None)
+_BOUND: list[torch.Tensor | None] = [None]
+
+
+def bind_segments(segments: torch.Tensor | None) -> None:
+    """Make ``segments`` ([B, T] ids, or None) the boundaries of every forward and recomputation
+    until ``release_segments()``: call it before a training step's forward."""
+    if segments is not None and segments.dim() != 2:
+        raise ValueError(f"segments must be [B, T] ids, got shape {tuple(segments.shape)}")
+    _BOUND[0] = segments
+
+
+def release_segments() -> None:
+    """The step (and its backward) is over: later forwards see no boundaries."""
+    _BOUND[0] = None
 
 
 @contextlib.contextmanager
 def segment_context(segments: torch.Tensor | None) -> Iterator[None]:
-    token = _SEGMENTS.set(segments)
+    """Boundaries for a forward-only block (evaluation, validation); a training step whose
+    backward recomputes checkpointed layers must use ``bind_segments`` instead."""
+    previous = _BOUND[0]
+    bind_segments(segments)
     try:
         yield
     finally:
-        _SEGMENTS.reset(token)
+        _BOUND[0] = previous
 
 
 def current_segments() -> torch.Tensor | None:
     """[B, T] segment ids when the current forward has boundaries to reset at, else None."""
-    seg = _SEGMENTS.get()
+    seg = _BOUND[0]
     if seg is None or not bool((seg[:, 1:] != seg[:, :-1]).any()):
         return None
     return seg

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moshi_ttt.models import count_parameters
-from moshi_ttt.models.segments import segment_context
+from moshi_ttt.models.segments import bind_segments, release_segments, segment_context
 from moshi_ttt.training.loss import LossConfig, moshi_loss
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,12 @@ class MoshiTTTModule(L.LightningModule):
         codes = batch["codes"]
         resets = batch.get("reset_at_boundaries")
         segments = batch.get("segments") if resets is not None and bool(resets.all()) else None
-        with segment_context(segments):
+        if prefix == "train":  # kept bound through backward: checkpointed layers run their forward again there
+            bind_segments(segments)
             out = self.model(codes)
+        else:
+            with segment_context(segments):
+                out = self.model(codes)
         text_pads = (self.model.text_padding_token_id, self.model.end_of_text_padding_id)
         res = moshi_loss(out, codes, self.loss_cfg, text_pads, self.model.audio_offset)
         B, _, T = codes.shape
@@ -163,6 +167,7 @@ class MoshiTTTModule(L.LightningModule):
             self.log("train/grad_norm", torch.stack(norms).norm())
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        release_segments()  # this batch's backward (and any recomputation in it) is done
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"] if not isinstance(opt, list) else opt[0].param_groups[0]["lr"]
         self.log("train/lr", lr)
