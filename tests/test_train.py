@@ -55,8 +55,8 @@ def test_resume_is_exact(compose_cfg):
 
 
 def test_checkpoint_holds_only_what_trains(compose_cfg):
-    summary = train(compose_cfg("experiment=smoke", "run_name=ckpt", "trainer.max_steps=10",
-                                "data.val_shards=null"))
+    cfg = compose_cfg("experiment=smoke", "run_name=ckpt", "trainer.max_steps=10", "data.val_shards=null")
+    summary = train(cfg)
     ckpt_path = Path(summary["checkpoint_dir"]) / "last.ckpt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     keys = list(ckpt["state_dict"])
@@ -66,6 +66,11 @@ def test_checkpoint_holds_only_what_trains(compose_cfg):
     # The file is far smaller than the frozen base it leaves out (fp32 bytes).
     assert ckpt_path.stat().st_size < 4 * summary["param_counts"]["frozen"] / 2
     assert "TokenDataModule" in ckpt and "rng_states" in ckpt
+    # The whole resolved run config travels with the weights, as plain types (export/serving read it).
+    from omegaconf import OmegaConf
+
+    assert ckpt["moshi_ttt_config"] == OmegaConf.to_container(cfg, resolve=True)
+    assert type(ckpt["moshi_ttt_config"]) is dict and ckpt["moshi_ttt_config"]["ttt"]["variant"] == cfg.ttt.variant
 
 
 def test_bad_overrides_fail_before_compute(compose_cfg, tmp_path):

@@ -88,6 +88,24 @@ class ResumeStateCallback(L.Callback):
             self._pending_rng = None
 
 
+class RunConfigCallback(L.Callback):
+    """Puts the whole resolved run config (a plain dict) into every checkpoint as
+    ``moshi_ttt_config``: export, serving and resume read how the model was built and trained
+    from the checkpoint itself, not from a config file that may have changed since."""
+
+    KEY = "moshi_ttt_config"
+
+    def __init__(self, config: dict):
+        if not isinstance(config, dict):
+            raise TypeError(f"RunConfigCallback takes the resolved config as a plain dict, got {type(config)}")
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        import copy
+
+        checkpoint[self.KEY] = copy.deepcopy(self.config)
+
+
 class PlainProgressLogger(L.Callback):
     """Periodic one-line progress for non-interactive logs (SLURM), where bars are noise."""
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moshi_ttt.models.build import build_model, source_config
 from moshi_ttt.models.loading import locate_checkpoint
+from moshi_ttt.training.callbacks import RunConfigCallback
 from moshi_ttt.training.checkpointing import AtomicCheckpointIO
 from moshi_ttt.training.cpu_runtime import tune_cpu_runtime
 from moshi_ttt.training.curriculum import Curriculum, CurriculumCallback
@@ -117,6 +118,7 @@ def build_trainer(cfg: DictConfig, curriculum: Curriculum | None = None, **overr
     if SLURMEnvironment.detect():
         # PreemptionCallback owns requeue; Lightning's own handler would requeue a second time.
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    callbacks.append(RunConfigCallback(OmegaConf.to_container(cfg, resolve=True)))
     kwargs = dict(callbacks=callbacks, logger=loggers or False, plugins=plugins, enable_progress_bar=interactive)
     if curriculum:
         # One stage = one epoch with its own loader; accumulation follows the stage.
