@@ -75,12 +75,15 @@ def test_memory_decreases_from_zero2_to_zero3_to_offload():
 
 
 @pytest.mark.parametrize("variant,inner", [("pre_attention", "linear"), ("hybrid", "mlp"),
-                                           ("post_attention", "linear"), ("cache_replacement", "linear")])
+                                           ("post_attention", "linear"), ("cache_replacement", "linear"),
+                                           ("cache_replacement:kv_slots", "linear")])
 def test_tiny_parameter_counts_equal_the_built_model(variant, inner):
     from moshi_ttt.models import count_parameters, load_base_moshi
     from moshi_ttt.models.build import build_model, source_config
 
-    cfg = _compose("model=tiny", f"ttt={variant}", f"ttt.layer.inner={inner}", "model.lora.rank=4")
+    variant, _, read = variant.partition(":")
+    extra = [f"ttt.memory_read={read}"] if read else []
+    cfg = _compose("model=tiny", f"ttt={variant}", f"ttt.layer.inner={inner}", "model.lora.rank=4", *extra)
     inputs = P.prepare(cfg)
     model_cfg = P._plain(cfg.model)
     base = count_parameters(load_base_moshi(source_config({**model_cfg, "lora": {"rank": 0}})))

@@ -14,14 +14,14 @@ from moshi_ttt.models.insert import install_ttt, selected_layers, set_ttt_enable
 VARIANTS = ["pre_attention", "post_attention", "hybrid", "cache_replacement", "cache_replacement:kv_slots"]
 
 
-def _model(kw, variant, window=16, context=64, seed=0, slots=3):
+def _model(kw, variant, window=16, context=64, seed=0):
     """``variant`` may name a read mode after a colon (cache_replacement:kv_slots)."""
     kw = {**kw, "context": context}
     base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs=kw, seed=seed))
     model = copy.deepcopy(base)
     variant, _, read = variant.partition(":")
     install_ttt(model, {"variant": variant, "layers": [0, -1], "window": window,
-                        "memory_read": read or "add", "memory_slots": slots,
+                        "memory_read": read or "add",
                         "layer": {"mini_batch_size": 4, "num_heads": 4}})
     return base, model
 
@@ -54,28 +54,37 @@ def test_layer_selection():
 def test_closed_gates_equal_the_base_and_open_gates_differ(tiny_lm_kwargs, variant):
     # A window as long as the sequence: with TTT closed the model is the frozen base.
     base, model = _model(tiny_lm_kwargs, variant, window=64)
-    if variant == "hybrid":
-        with torch.no_grad():
-            for m in model.modules():
-                if hasattr(m, "alpha_logit"):
-                    m.alpha_logit.fill_(30.0)  # alpha = 1: attention only
     codes = _codes(tiny_lm_kwargs)
     with torch.no_grad():
         ref = base(codes).logits.nan_to_num()
         out = model(codes).logits.nan_to_num()
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
         _open_gates(model)
-        for m in model.modules():
-            if hasattr(m, "alpha_logit"):
-                m.alpha_logit.zero_()  # alpha = 0.5: half attention, half TTT
         used = model(codes).logits.nan_to_num()
         assert (used - ref).abs().max() > 1e-3  # TTT is used
         set_ttt_enabled(model, False)
         off = model(codes).logits.nan_to_num()
-    if variant == "hybrid":
-        assert (off - used).abs().max() > 1e-3
-    else:
-        torch.testing.assert_close(off, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(off, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_step_0_is_the_frozen_model_with_the_variants_window(tiny_lm_kwargs, variant):
+    """Untrained, every variant is exactly the frozen base whose TTT layers attend over the
+    variant's window (hybrid: ttt.window at full strength; cache_replacement: its recent window;
+    pre/post: the base's own context), however short that window is."""
+    from moshi_ttt.models.attention import install_local_attention
+
+    base, model = _model(tiny_lm_kwargs, variant, window=8)
+    windows = {}
+    for i, layer in enumerate(model.transformer.layers):
+        attn = layer.layer.self_attn if hasattr(layer, "placement") else layer.self_attn
+        windows[i] = int(attn.context)
+    assert min(windows.values()) < 64 or variant.split(":")[0] in ("pre_attention", "post_attention")
+    install_local_attention(base, windows)
+    codes = _codes(tiny_lm_kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(codes).logits.nan_to_num(), base(codes).logits.nan_to_num(),
+                                   atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["none", *VARIANTS])
@@ -182,11 +191,28 @@ def test_kv_slots_start_closed_and_can_open(tiny_lm_kwargs):
     out = model(codes)
     torch.testing.assert_close(out.logits.nan_to_num(), base(codes).logits.nan_to_num(), atol=1e-5, rtol=0)
     out.logits.nan_to_num().pow(2).mean().backward()
-    gates = [m.gate_alpha for m in model.modules() if hasattr(m, "slot_keys")]
+    gates = [m.gate_alpha for m in model.modules() if hasattr(m, "slot_key")]
     assert len(gates) == 2 and all(float(g.detach().abs().max()) == 0.0 for g in gates)
     assert all(float(g.grad.abs().max()) > 0 for g in gates)
 
 
-def test_kv_slots_validates_the_slot_count(tiny_lm_kwargs):
+def test_kv_slots_is_addressed_by_the_query(tiny_lm_kwargs):
+    """The slot's value is the memory read at the query itself: two queries at the same position
+    with the same history read different values (fixed probes would give both the same)."""
+    _, model = _model(tiny_lm_kwargs, "cache_replacement:kv_slots", window=4)
+    _open_gates(model)
+    module = next(m for m in model.modules() if hasattr(m, "slot_key"))
+    x = torch.randn(2, 32, tiny_lm_kwargs["dim"])
+    x[1, :-1] = x[0, :-1]  # same history, different last frame
+    q0, k0, v, lr = module._memory_inputs(x)
+    with torch.no_grad():
+        read, _ = module._lagged_read(q0, k0, v, lr)
+    assert (read[0, :, -1] - read[1, :, -1]).abs().max() > 1e-3
+    torch.testing.assert_close(read[0, :, :-1], read[1, :, :-1])
+
+
+def test_memory_slots_is_refused_with_a_clear_error(tiny_lm_kwargs):
+    base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs=tiny_lm_kwargs, seed=0))
     with pytest.raises(ValueError, match="ttt.memory_slots"):
-        _model(tiny_lm_kwargs, "cache_replacement:kv_slots", slots=5)  # mini-batch is 4
+        install_ttt(base, {"variant": "cache_replacement", "memory_read": "kv_slots", "memory_slots": 3,
+                           "layer": {"mini_batch_size": 4}})

@@ -46,8 +46,8 @@ width, ``W`` world size, ``Psi`` trainable parameters):
   keeps only its input, ``a D`` per token, and the backward recomputes one layer at a time. The
   peak is ``kept + max(loss phase, backward phase)``:
 
-    loss phase      depformer saved tensors (the depformer is not checkpointed by ``build_model``
-                    unless ``model.lm_kwargs.gradient_checkpointing``) + output norm ``8 D`` per
+    loss phase      depformer saved tensors (none but its inputs when it is checkpointed:
+                    ``build_model`` checkpoints it with the transformer) + output norm ``8 D`` per
                     frame + logits: fp32 log-softmax saved for both heads ``4 (E_text + E_audio)``
                     + one head's backward ``(8 + 2 a) max(E_text, E_audio)`` per frame
                     (``E_text`` = text vocabulary, ``E_audio`` = dep_q x card).
@@ -270,8 +270,11 @@ def _model_shape(lm_kwargs_json: str, lora_rank: int, lora_modules: str, persist
 def model_shape(model_cfg: dict, persistence: int = 100_000) -> ModelShape:
     lora = model_cfg.get("lora") or {}
     kwargs = lm_kwargs_for(model_cfg)
-    return _model_shape(json.dumps(kwargs, sort_keys=True), int(lora.get("rank", 0) or 0),
-                        str(lora.get("modules", "transformer")), int(persistence))
+    shape = _model_shape(json.dumps(kwargs, sort_keys=True), int(lora.get("rank", 0) or 0),
+                         str(lora.get("modules", "transformer")), int(persistence))
+    if model_cfg.get("gradient_checkpointing") and not shape.dep_checkpointing:
+        shape = replace(shape, dep_checkpointing=True)  # build_model checkpoints the depformer too
+    return shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,11 +341,9 @@ def ttt_shape(ttt_cfg: dict, shape: ModelShape) -> TTTShape | None:
     lr_proj = D * H + H
     if variant == "cache_replacement":
         if ttt_cfg.get("memory_read", "add") == "kv_slots":
-            slots = int(ttt_cfg.get("memory_slots") or b0)
-            params = memory + lr_proj + 2 * H * slots * d + H  # + probes, slot keys, per-head gate
+            params = memory + lr_proj + 2 * H + H * d  # + slot bias, per-head gate, slot key match
             mm = D * H
-            # + the second (window + slots) attention, counted as matmul weights per token
-            extra = 3 * D * D + 2 * D * ((math.ceil(window / b0) + 1) * b0 + slots)
+            extra = 3 * D * D  # project_qkv runs the frozen in-projection again, without RoPE
         else:
             params = memory + lr_proj + 2 * D + D * D + D  # + read_norm, read_proj, gate
             mm = D * H + D * D
@@ -353,7 +354,7 @@ def ttt_shape(ttt_cfg: dict, shape: ModelShape) -> TTTShape | None:
         I = H * d  # noqa: E741
         out = I * D if cfg.output_proj else 0
         params = 3 * D * I + lr_proj + memory + 2 * I + out + D  # q,k,v, lr, memory, post_norm, out, gate
-        params += D if variant == "hybrid" else shape.norm_params  # alpha_logit / the TTT input norm
+        params += 0 if variant == "hybrid" else shape.norm_params  # the TTT input norm (hybrid shares norm1)
         mm = 3 * D * I + D * H + out
         extra = 0
         windows = {i: window for i in layers} if variant == "hybrid" else {}

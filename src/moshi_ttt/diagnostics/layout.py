@@ -121,13 +121,6 @@ class TTTModule:
             proj = getattr(self.module, "read_proj", None)  # kv_slots has none: its gate is per head
         return None if proj is None else proj.weight.detach().float()
 
-    @property
-    def mix(self) -> torch.Tensor | None:
-        """hybrid: the per-channel share of the TTT branch, 1 - alpha (None for other kinds)."""
-        if isinstance(self.module, TTTWrappedLayer) and self.module.placement == "hybrid":
-            return 1.0 - self.module.alpha.detach().float()
-        return None
-
     def fresh_state(self, batch_size: int = 1):
         return self.memory.init_state(batch_size, next(self.memory.parameters()).device)
 

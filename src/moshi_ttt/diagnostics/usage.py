@@ -26,9 +26,6 @@ def gate_stats(mod: TTTModule) -> dict:
     out = {"kind": mod.kind, "gate_mean_abs": float(gate.mean()), "gate_max_abs": float(gate.max())}
     proj = mod.projection
     out["projection_norm"] = None if proj is None else float(proj.norm())
-    mix = mod.mix
-    if mix is not None:
-        out["ttt_share_mean"], out["ttt_share_max"] = float(mix.mean()), float(mix.max())
     return out
 
 
@@ -91,15 +88,11 @@ def check_ttt_usage(model, codes: torch.Tensor | None = None, chunk_frames: int 
             res.add("fail", f"{m.name}: TTT unused: gate tanh(alpha) ~0 (max abs {s['gate_max_abs']:.2g} < "
                     f"{th.gate_eps:g}): the branch adds nothing", m.name)
         elif s["projection_norm"] is not None and s["projection_norm"] == 0.0:
-            mix = " (the hybrid mix still scales attention by alpha)" if m.kind == "hybrid" else ""
             res.add("fail", f"{m.name}: TTT unused: its output projection is all zeros (an untrained layer: "
-                    f"the projection starts at zero){mix}", m.name)
-        elif s.get("ttt_share_max") is not None and s["ttt_share_max"] < th.gate_eps:
-            res.add("fail", f"{m.name}: TTT unused: hybrid mix gives the TTT branch ~0 weight "
-                    f"(max 1 - alpha {s['ttt_share_max']:.2g})", m.name)
+                    "the projection starts at zero)", m.name)
         else:
-            res.add("ok", f"{m.name}: gate mean abs(tanh(alpha)) {s['gate_mean_abs']:.3g} (max {s['gate_max_abs']:.3g})"
-                    + (f", TTT share {s['ttt_share_mean']:.3g}" if "ttt_share_mean" in s else ""), m.name)
+            res.add("ok", f"{m.name}: gate mean abs(tanh(alpha)) {s['gate_mean_abs']:.3g} "
+                    f"(max {s['gate_max_abs']:.3g})", m.name)
     res.metrics = {"ttt_layers": len(mods), "layers": layers}
     if codes is not None:
         logger.info("TTT usage: %d frames with TTT on and off", codes.shape[-1])

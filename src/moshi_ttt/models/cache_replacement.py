@@ -9,15 +9,17 @@ window is ``L * b`` frames, so every past frame is always in the window or in th
 recent-enough frames are in both). Read mode ``add``: the memory read, normalised and projected
 (zero-initialised) and gated, is added to the attention output.
 
-Read mode ``kv_slots``: M learned probe points (M <= b, per head) read the memory once per
-mini-batch; the reads are the values of M virtual key/value slots (learned keys, rotated by
-RoPE to the start of the mini-batch so they sit "here and now") that every query of the
-mini-batch attends in the same softmax as its recent keys. The joint attention o_J is mixed
-with the window-only attention o_L as ``o_L + tanh(g_h) (o_J - o_L)`` per head, g starting at 0:
-at step 0 the layer is the frozen base, and g's gradient (beta (o_slots - o_L), beta the
-slots' share of the softmax) is non-zero, so it opens as training finds the slots useful.
-It costs a second local attention (chunked by b) in these layers. Packed conversations run
-this layer once per conversation (attention and memory), as inference would.
+Read mode ``kv_slots``: content-addressed. Each query gets one virtual key/value slot of its
+own, whose value is the memory read at that query, ``f_W(q_t)`` (the same lagged read as ``add``:
+only what left the window), and whose logit is learned, ``c_h + q_t . u_h / sqrt(d)`` (a per-head
+bias plus a learned key match, ``u`` from zero). The slot sits in the same softmax as the recent
+keys, one normaliser over both (LoLCATs' window + linear attention; Titans' memory as context):
+``o_J = (1 - beta) o_L + beta f_W(q)`` with ``beta = sigmoid(logit - lse_L)``, ``lse_L`` the
+log-sum-exp of the window's scores. The layer returns ``o_L + tanh(g_h) (o_J - o_L)`` per head,
+g from 0: step 0 is the frozen base, and g's gradient (``beta (f_W(q) - o_L)``) is non-zero, so it
+opens as the slot proves useful. ``c`` starts at log(window): a flat window and the slot then
+share the softmax about evenly, so the gate's gradient is not starved. Packed conversations
+run this layer once per conversation (attention and memory), as inference would.
 
 Streaming (LMGen) runs moshi's ring-KV-cache attention of capacity ``L * b`` plus the same memory
 fed one frame at a time, so it computes what the training forward computes.
@@ -65,20 +67,18 @@ class CacheReplacementAttention(LocalStreamingAttention):
             raise ValueError(f"ttt.memory_read={memory_read!r} must be one of {MEMORY_READS}")
         if window < 1:
             raise ValueError(f"ttt.window={window} must be >= 1")
+        if memory_slots is not None:
+            raise ValueError(f"ttt.memory_slots={memory_slots}: kv_slots no longer reads fixed probe slots; each "
+                             "query reads its own slot f_W(q) (remove ttt.memory_slots)")
         b = int(ttt_config.mini_batch_size)
-        slots = b if memory_slots is None else int(memory_slots)
-        if memory_read == "kv_slots" and not 1 <= slots <= b:
-            raise ValueError(f"ttt.memory_slots={memory_slots} must lie in [1, ttt.layer.mini_batch_size={b}] "
-                             "(the slots are read once per mini-batch, one probe per position)")
         lag = math.ceil(window / b) + 1
         module = LocalStreamingAttention.from_moshi(module, lag * b, chunk_size, backend)
         module.__class__ = cls
         module.fixed_window = True
-        module._init_memory(ttt_config, name, lag, window, memory_read, slots)
+        module._init_memory(ttt_config, name, lag, window, memory_read)
         return module
 
-    def _init_memory(self, cfg: TTTConfig, name: str, lag: int, window: int, memory_read: str,
-                     slots: int) -> None:
+    def _init_memory(self, cfg: TTTConfig, name: str, lag: int, window: int, memory_read: str) -> None:
         if self.kv_repeat != 1:
             raise ValueError(f"{name}: cache_replacement needs one key per query head (kv_repeat=1)")
         head_dim = self.embed_dim // self.num_heads
@@ -98,13 +98,14 @@ class CacheReplacementAttention(LocalStreamingAttention):
             self.read_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=False, device=device)
             nn.init.zeros_(self.read_proj.weight)
             self.gate_alpha = nn.Parameter(torch.full((self.embed_dim,), float(cfg.gate_init), device=device))
-        else:  # kv_slots
-            self.num_slots = slots
-            self.slot_probes = nn.Parameter(torch.randn(self.num_heads, slots, head_dim, device=device))
-            self.slot_keys = nn.Parameter(torch.randn(self.num_heads, slots, head_dim, device=device) * cfg.init_std)
+        else:  # kv_slots: one query-addressed slot per query
+            self.slot_bias = nn.Parameter(torch.full((self.num_heads,), math.log(lag * cfg.mini_batch_size),
+                                                     device=device))
+            self.slot_key = nn.Parameter(torch.zeros(self.num_heads, head_dim, device=device))
             self.gate_alpha = nn.Parameter(torch.zeros(self.num_heads, device=device))
         self.ttt_enabled = True
         self._stats: dict[str, torch.Tensor] = {}
+        self._slot_share: torch.Tensor | None = None
 
     # ---- streaming state -----------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> _CacheReplacementState:
@@ -124,18 +125,23 @@ class CacheReplacementAttention(LocalStreamingAttention):
 
     def _memory_read(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        state = self._streaming_state
-        q, k, v, lr = self._memory_inputs(x)  # pre-RoPE: content only, the memory is position-free
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            q, k, v = F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1), v.to(dtype)
-            read, new_state = self.memory(q, k, v, lr, state.ttt if state is not None else None)
-        if state is not None:
-            state.ttt = new_state
+        read, _ = self._lagged_read(*self._memory_inputs(x))
         read = read.transpose(1, 2).reshape(B, T, self.embed_dim)
         out = self.read_proj(self.read_norm(read.to(self.read_norm.weight.dtype)))
-        self._record_stats(new_state, lr)
         return (torch.tanh(self.gate_alpha) * out).to(x.dtype)
+
+    def _lagged_read(self, q, k, v, lr) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (k, v) and read at q [B, H, T, D], pre-RoPE (content only: the memory is
+        position-free), with the read lag; carries the streaming state. Returns (read fp32, q)."""
+        state = self._streaming_state
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            dtype = torch.promote_types(q.dtype, torch.float32)
+            nq, nk = F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1)
+            read, new_state = self.memory(nq, nk, v.to(dtype), lr, state.ttt if state is not None else None)
+        if state is not None:
+            state.ttt = new_state
+        self._record_stats(new_state, lr)
+        return read, nq
 
     # ---- kv_slots ------------------------------------------------------------------------
     def _memory_inputs(self, x: torch.Tensor):
@@ -147,93 +153,59 @@ class CacheReplacementAttention(LocalStreamingAttention):
             lr = self.memory.eta(logits).transpose(1, 2)
         return q, k, v, lr
 
-    def _probes(self, dtype: torch.dtype) -> torch.Tensor:
-        return F.normalize(self.slot_probes.to(dtype), dim=-1)  # the memory's keys are unit vectors
-
-    def _rotate_slot_keys(self, block_start: torch.Tensor) -> torch.Tensor:
-        """Slot keys [B, H, N, M, D] rotated by RoPE to each block's first position ``block_start``
-        [B, N], so they sit at distance 0..b-1 from every query of their block."""
-        B, N = block_start.shape
-        H, M, D = self.slot_keys.shape
-        keys = self.slot_keys[None, :, None].expand(B, H, N, M, D)
-        if self.rope is None:
-            return keys
-        flat = keys.permute(0, 2, 3, 1, 4).reshape(B * N * M, H, 1, D)
-        offsets = block_start.reshape(B * N, 1).expand(B * N, M).reshape(-1)
-        flat, _ = self.rope(flat, flat, offsets, time_before_heads=False)
-        return flat.reshape(B, N, M, H, D).permute(0, 3, 1, 2, 4)
-
-    def _gated_heads(self, o_local: torch.Tensor, o_joint: torch.Tensor) -> torch.Tensor:
-        gate = torch.tanh(self.gate_alpha).to(o_local.dtype).view(1, -1, 1, 1)
-        return o_local + gate * (o_joint - o_local)
+    def _joint(self, o_local: torch.Tensor, lse: torch.Tensor, read: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Window attention o_L [B, H, T, D] (log-sum-exp ``lse`` [B, H, T]) and each query's own
+        memory slot (value ``read``, logit ``c_h + q . u_h / sqrt(d)``) under one softmax, gated
+        per head: ``o_L + tanh(g) (o_J - o_L)``."""
+        compute = torch.promote_types(o_local.dtype, torch.float32)
+        d = q.shape[-1]
+        logit = self.slot_bias.to(compute).view(1, -1, 1) + (q.to(compute) @ self.slot_key.to(compute)[:, :, None]
+                                                            ).squeeze(-1) * d ** -0.5
+        beta = torch.sigmoid(logit - lse.to(compute))[..., None]  # the slot's share of the softmax
+        gate = torch.tanh(self.gate_alpha).to(compute).view(1, -1, 1, 1)
+        o = o_local.to(compute)
+        self._slot_share = beta.detach().mean()
+        return (o + gate * beta * (read.to(compute) - o)).to(o_local.dtype)
 
     def _slots_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Training forward of one whole conversation batch [B, T, C] in kv_slots mode."""
-        B, T, _ = x.shape
-        b, M = self.memory.mini_batch_size, self.num_slots
+        B = x.shape[0]
         q0, k0, v, lr = self._memory_inputs(x)
-        # the memory is written with the keys/values and read at the probes: position n*b + m reads
-        # probe m with the weights that block n sees; padded to whole blocks so the last one has all
-        pad = -T % b
-        N = (T + pad) // b
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            wk = F.pad(F.normalize(k0.to(dtype), dim=-1), [0, 0, 0, pad])
-            wv, lr = F.pad(v.to(dtype), [0, 0, 0, pad]), F.pad(lr, [0, pad])
-            probes = F.pad(self._probes(dtype), [0, 0, 0, b - M])  # [H, b, D]: positions >= M read nothing
-            xq = probes[None, :, None].expand(B, -1, N, -1, -1).reshape(B, self.num_heads, N * b, -1)
-            reads, state = self.memory(xq, wk, wv, lr)
-        slot_v = reads.reshape(B, self.num_heads, N, b, -1)[:, :, :, :M].to(v.dtype)
-        starts = (torch.arange(N, device=x.device) * b).expand(B, N)
-        slot_k = self._rotate_slot_keys(starts).to(k0.dtype)
+        read, nq = self._lagged_read(q0, k0, v, lr)
         if self.rope is not None:
             q, k = self.rope(q0, k0, torch.zeros(B, device=x.device, dtype=torch.long), time_before_heads=False)
         else:
             q, k = q0, k0
-        o_local = local_attention(q, k, v, self.window, chunk_size=self.local_chunk_size, backend=self.local_backend)
-        o_joint = local_attention(q, k, v, self.window, chunk_size=b, prefix_k=slot_k, prefix_v=slot_v,
-                                  backend=self.local_backend)
-        self._record_stats(state, lr)
-        return self.project_out(self._gated_heads(o_local, o_joint))
+        o_local, lse = local_attention(q, k, v, self.window, chunk_size=self.local_chunk_size, return_lse=True,
+                                       backend=self.local_backend)
+        return self.project_out(self._joint(o_local, lse, read, nq))
 
     def _slots_step(self, x: torch.Tensor) -> torch.Tensor:
-        """One streamed frame [B, 1, C]: write the memory, read the slots, attend ring cache + slots."""
+        """One streamed frame [B, 1, C]: write/read the memory, attend the ring cache, merge the slot."""
         state = self._streaming_state
-        B = x.shape[0]
-        b, M = self.memory.mini_batch_size, self.num_slots
         q0, k0, v, lr = self._memory_inputs(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            probes = self._probes(dtype)
-            phase = torch.tensor([p % b for p in state.ttt.positions], device=x.device)
-            xq = F.pad(probes, [0, 0, 0, b - M])[:, phase].transpose(0, 1)[:, :, None]  # [B, H, 1, D]
-            # the weights before this frame's write are the ones its block reads (after block n - L)
-            slot_v = self.memory.read(state.ttt.weights, probes[None].expand(B, -1, -1, -1))
-            _, state.ttt = self.memory(xq, F.normalize(k0.to(dtype), dim=-1), v.to(dtype), lr, state.ttt)
+        read, nq = self._lagged_read(q0, k0, v, lr)
         offset = state.offset
-        slot_k = self._rotate_slot_keys((offset // b * b)[:, None])[:, :, 0].to(k0.dtype)  # [B, H, M, D]
         q, k = self.rope(q0, k0, offset, time_before_heads=False) if self.rope is not None else (q0, k0)
         keys, values, pos_k = self._complete_kv(k, v)
         delta = offset.view(-1, 1) - pos_k  # [B, K]
         visible = ((pos_k >= 0) & (delta >= 0) & (delta < self.context))[:, None, None]  # [B, 1, 1, K]
-        scale = q.shape[-1] ** -0.5
         compute = torch.promote_types(q.dtype, torch.float32)
-        s_local = (q.to(compute) @ keys.to(compute).transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
-        s_slots = q.to(compute) @ slot_k.to(compute).transpose(-1, -2) * scale
-        o_local = torch.softmax(s_local, dim=-1) @ values.to(compute)
-        joint = torch.softmax(torch.cat([s_slots, s_local], dim=-1), dim=-1)
-        o_joint = joint @ torch.cat([slot_v.to(compute), values.to(compute)], dim=2)
-        out = self._gated_heads(o_local, o_joint).to(v.dtype)
+        scores = q.to(compute) @ keys.to(compute).transpose(-1, -2) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [B, H, 1]
+        o_local = torch.exp(scores - lse[..., None]) @ values.to(compute)
+        out = self._joint(o_local, lse, read, nq).to(v.dtype)
         state.offset[:] = torch.where(state.exec_mask, state.offset + 1, state.offset)
         state.offset_cpu += 1
-        self._record_stats(state.ttt, lr)
         return self.project_out(out)
 
     def _record_stats(self, ttt_state: TTTState, lr: torch.Tensor) -> None:
         with torch.no_grad():
             stats = self.memory.weight_stats(ttt_state)
-            stats.update(eta_mean=lr.mean(), eta_min=lr.min(), eta_max=lr.max(),
-                         gate_mean_abs=torch.tanh(self.gate_alpha).abs().mean())
+            gate = torch.tanh(self.gate_alpha).abs()
+            stats.update(eta_mean=lr.mean(), eta_min=lr.min(), eta_max=lr.max(), gate_mean_abs=gate.mean(),
+                         gate_max_abs=gate.max())
             self._stats = stats
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -254,5 +226,22 @@ class CacheReplacementAttention(LocalStreamingAttention):
             raise ValueError(f"{self.ttt_name}: a stage asks for TTT mini-batch {ttt_mini_batch_size}, the memory "
                              f"was built with {self.memory.mini_batch_size}")
 
+    def opening_parameters(self) -> list[nn.Parameter]:
+        """What opens the memory's path (gate, read projection or slot logit, inner-lr projection):
+        the optimiser gives these their own LR scale and no weight decay."""
+        if self.memory_read == "add":
+            return [self.gate_alpha, self.read_proj.weight, self.lr_proj.weight, self.lr_proj.bias]
+        return [self.gate_alpha, self.slot_bias, self.slot_key, self.lr_proj.weight, self.lr_proj.bias]
+
     def health(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self._stats.items()}
+        stats = {k: float(v) for k, v in self._stats.items()}
+        with torch.no_grad():  # the gate as it is now (per layer; per head for kv_slots)
+            gate = torch.tanh(self.gate_alpha.float())
+            stats["gate_mean_abs"], stats["gate_max_abs"] = float(gate.abs().mean()), float(gate.abs().max())
+            if self.memory_read == "kv_slots":
+                stats["slot_bias_mean"] = float(self.slot_bias.float().mean())
+                if getattr(self, "_slot_share", None) is not None:
+                    stats["slot_share_mean"] = float(self._slot_share)
+            else:
+                stats["read_proj_norm"] = float(self.read_proj.weight.float().norm())
+        return stats

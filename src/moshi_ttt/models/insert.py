@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 
 from moshi.models.lm import LMModel
@@ -45,6 +46,10 @@ def install_ttt(model: LMModel, ttt_cfg: Mapping | None) -> list[nn.Module]:
     unknown = set(ttt_cfg) - _KEYS
     if unknown:
         raise ValueError(f"ttt: unknown key(s) {sorted(unknown)}")
+    if ttt_cfg.pop("hybrid_alpha_init", None) is not None:
+        warnings.warn("ttt.hybrid_alpha_init is deprecated and ignored: hybrid now keeps attention at full "
+                      "strength and adds the gated TTT read (step 0 is the frozen model)", DeprecationWarning,
+                      stacklevel=2)
     variant = ttt_cfg.get("variant", "none")
     if variant not in VARIANTS:
         raise ValueError(f"ttt.variant={variant!r} must be one of {VARIANTS}")
@@ -72,8 +77,7 @@ def install_ttt(model: LMModel, ttt_cfg: Mapping | None) -> list[nn.Module]:
             if variant == "hybrid":
                 LocalStreamingAttention.from_moshi(layer.self_attn, int(ttt_cfg.get("window", 256)), chunk, backend)
                 layer.self_attn.fixed_window = True
-            wrapped = TTTWrappedLayer(layer, variant, layer_cfg, dim, name, norm=norm_name,
-                                      alpha_init=float(ttt_cfg.get("hybrid_alpha_init", 0.8))).to(device)
+            wrapped = TTTWrappedLayer(layer, variant, layer_cfg, dim, name, norm=norm_name).to(device)
             transformer.layers[i] = wrapped
             new.append(wrapped)
         else:

@@ -5,7 +5,9 @@
 - ``post_attention``: TTT on the stream after the attention block, as in the video model and
   the failed port. Kept as a baseline: it only sees what attention kept.
 - ``hybrid``: local attention over the last W frames in parallel with a TTT branch over the
-  whole history, mixed per channel as ``alpha * attn + (1 - alpha) * ttt``.
+  whole history: ``attn_W(h) + tanh(g) * proj(norm(TTT(h)))``. Attention keeps full strength
+  and the projection starts at zero, so step 0 is exactly the frozen model with window W
+  (as LaCT adds its normalised fast-weight read to the window attention at full scale).
 - ``cache_replacement``: see ``cache_replacement.py`` (the layer's own keys/values that leave a
   short window are written into a TTT memory that the queries read).
 
@@ -50,7 +52,7 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState]):
     """
 
     def __init__(self, layer: StreamingTransformerLayer, placement: str, ttt_config: TTTConfig, dim: int,
-                 name: str, norm: str = "rms_norm_f32", alpha_init: float = 0.8):
+                 name: str, norm: str = "rms_norm_f32"):
         super().__init__()
         if placement not in PLACEMENTS:
             raise ValueError(f"ttt.variant={placement!r}: a wrapped layer is one of {PLACEMENTS}")
@@ -61,18 +63,10 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState]):
         self.name = name
         self.ttt = TTTLayer(ttt_config, dim, name=name)
         # pre/post read a normalised stream through their own (trainable) norm; hybrid shares
-        # the attention's input norm so both branches see the same thing.
+        # the attention's input norm so both branches see the same thing. The TTT layer's own
+        # post-norm, zero-initialised out-projection and gate are the branch's "proj(norm(.))".
         self.ttt_norm = create_norm_fn(norm, dim) if placement != "hybrid" else None
-        if placement == "hybrid":
-            if not 0.0 < alpha_init < 1.0:
-                raise ValueError(f"ttt.hybrid_alpha_init={alpha_init} must be in (0, 1)")
-            logit = torch.logit(torch.tensor(float(alpha_init)))
-            self.alpha_logit = nn.Parameter(torch.full((dim,), float(logit)))
         self.ttt_enabled = True
-
-    @property
-    def alpha(self) -> torch.Tensor:
-        return torch.sigmoid(self.alpha_logit)
 
     def _init_streaming_state(self, batch_size: int) -> _TTTStreamState:
         device = self.ttt.gate_alpha.device
@@ -116,11 +110,8 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState]):
         layer = self.layer
         h = layer.norm1(x)
         attn = layer.self_attn(h, h, h)
-        if use_ttt:
-            alpha = self.alpha.to(attn.dtype)
-            mixed = alpha * attn + (1 - alpha) * self._ttt(h).to(attn.dtype)
-        else:
-            mixed = attn
+        # attention at full strength; the memory read is added (zero at step 0: out_proj = 0)
+        mixed = attn + self._ttt(h).to(attn.dtype) if use_ttt else attn
         x = x.to(mixed) + layer.layer_scale_1(mixed)
         x = layer._ff_block(x)
         self._advance_layer_offset(x.shape[1])
@@ -134,8 +125,18 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState]):
                 "set ttt.layer.mini_batch_size to the same value"
             )
 
+    def opening_parameters(self) -> list[nn.Parameter]:
+        """What opens the memory's path (gate, read projection, inner-lr projection): the
+        optimiser gives these their own LR scale and no weight decay."""
+        ttt = self.ttt
+        out = [ttt.gate_alpha, ttt.lr_proj.weight, ttt.lr_proj.bias]
+        return out + ([ttt.out_proj.weight] if ttt.out_proj is not None else [])
+
     def health(self) -> dict[str, float]:
         stats = self.ttt.health()
-        if self.placement == "hybrid":
-            stats["alpha_mean"] = float(self.alpha.mean())
+        with torch.no_grad():  # the gate and read projection as they are now, logged per layer
+            gate = torch.tanh(self.ttt.gate_alpha.float())
+            stats["gate_mean_abs"], stats["gate_max_abs"] = float(gate.abs().mean()), float(gate.abs().max())
+            if self.ttt.out_proj is not None:
+                stats["read_proj_norm"] = float(self.ttt.out_proj.weight.float().norm())
         return stats
