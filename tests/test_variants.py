@@ -216,3 +216,26 @@ def test_memory_slots_is_refused_with_a_clear_error(tiny_lm_kwargs):
     with pytest.raises(ValueError, match="ttt.memory_slots"):
         install_ttt(base, {"variant": "cache_replacement", "memory_read": "kv_slots", "memory_slots": 3,
                            "layer": {"mini_batch_size": 4}})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_opening_parameters_train_faster_without_weight_decay(tiny_lm_kwargs, variant):
+    """Gates, read projections and inner-lr projections get optim.opening_lr_scale x the LR and no
+    weight decay; the fast-weight memory keeps the base LR and the configured decay."""
+    from moshi_ttt.training.module import MoshiTTTModule, OptimConfig
+
+    _, model = _model(tiny_lm_kwargs, variant)
+    module = MoshiTTTModule(lambda: model, optim=OptimConfig(lr=1e-3, weight_decay=0.1, opening_lr_scale=20.0))
+    module.configure_model()
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    names = dict(module.trainable_named_parameters())
+    gates = [p for n, p in names.items() if n.endswith("gate_alpha")]
+    lr_projs = [p for n, p in names.items() if "lr_proj" in n]
+    fast = [p for n, p in names.items() if "memory.initial" in n]
+    assert gates and lr_projs and fast
+    for p in gates + lr_projs:
+        assert by_param[id(p)]["lr"] == pytest.approx(2e-2) and by_param[id(p)]["weight_decay"] == 0.0
+    for p in fast:
+        assert by_param[id(p)]["lr"] == pytest.approx(1e-3) and by_param[id(p)]["weight_decay"] == 0.1
+    assert sum(len(g["params"]) for g in groups) == len(names)

@@ -54,6 +54,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     # Learning-rate multipliers by parameter-name substring (first match wins), e.g. gates.
     group_lr_scale: dict[str, float] = field(default_factory=dict)
+    # What opens a memory's path (gates, read projections, inner-lr projections: each TTT module's
+    # ``opening_parameters()``) trains at this multiple of the LR, without weight decay: from zero
+    # or a small gate they must move far before the memory changes the output (ttt-video-dit: 10x).
+    opening_lr_scale: float = 10.0
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -173,14 +177,30 @@ class MoshiTTTModule(L.LightningModule):
         self.log("train/lr", lr)
 
     # ---- optimisation --------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: ``optim.group_lr_scale`` by name first, then the TTT modules' opening
+        parameters at ``optim.opening_lr_scale`` without weight decay, the rest at scale 1 (first,
+        so ``train/lr`` logs the base LR)."""
+        cfg = self.optim_cfg
+        if cfg.opening_lr_scale <= 0:
+            raise ValueError(f"optim.opening_lr_scale={cfg.opening_lr_scale} must be > 0")
+        assert self.model is not None
+        opening = {id(p) for m in self.model.modules() if hasattr(m, "opening_parameters")
+                   for p in m.opening_parameters()}
+        groups: dict[tuple[float, bool], list] = {}
+        for name, p in self.trainable_named_parameters():
+            scale = next((s for key, s in cfg.group_lr_scale.items() if key in name), None)
+            is_opening = id(p) in opening
+            if scale is None:
+                scale = cfg.opening_lr_scale if is_opening else 1.0
+            groups.setdefault((float(scale), is_opening), []).append(p)
+        return [{"params": ps, "lr": cfg.lr * s, "lr_scale": s,
+                 "weight_decay": 0.0 if is_opening else cfg.weight_decay}
+                for (s, is_opening), ps in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0]))]
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        groups: dict[float, list] = {}
-        for name, p in self.trainable_named_parameters():
-            scale = next((s for key, s in cfg.group_lr_scale.items() if key in name), 1.0)
-            groups.setdefault(scale, []).append(p)
-        param_groups = [{"params": ps, "lr": cfg.lr * s, "lr_scale": s} for s, ps in groups.items()]
-        opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+        opt = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                 weight_decay=cfg.weight_decay)
         if self.curriculum:
             curriculum = self.curriculum
