@@ -28,7 +28,7 @@ from moshi_ttt.diagnostics import (
 )
 from moshi_ttt.diagnostics.rope import rope_wavelengths
 from moshi_ttt.diagnostics.sources import synthetic_codes
-from moshi_ttt.diagnostics.stream import delayed_input
+from moshi_ttt.diagnostics.stream import StreamRecord, delayed_input, without_padding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -174,6 +174,46 @@ def test_record_stream_positions_and_ttt_samples(codes):
     residual = rec.residual_rms["layer1"]
     assert np.isfinite(residual).all() and rec.mean(residual)[130] == residual[0, 130]  # padding masked out
     assert rec.mean(residual)[100] == pytest.approx(residual[:, 100].mean())
+
+
+def test_padding_is_never_streamed_nor_a_finding(codes):
+    """A conversation shorter than --frames is padded with -1: the padding must not read as a
+    non-finite norm input or a NaN entropy (it did, as 'FAIL norm input becomes non-finite')."""
+    model = tiny("pre_attention")
+    settings = DiagnoseSettings(frames=160, window_frames=32, checks=("ttt_health", "drift", "predictions"))
+    real = codes[:1, :, :96]
+    padded = torch.cat([real, torch.full((1, 17, 64), -1, dtype=real.dtype)], dim=2)
+    got = run_diagnostics(model, padded, settings)
+    assert got["settings"]["stream_frames"] == 96 and got["settings"]["padding_frames_not_streamed"] == 64
+    assert got["findings"] == run_diagnostics(model, real, settings)["findings"]  # as if no padding existed
+    assert not got["summary"]["flagged"] or all("non-finite" not in m for m in got["summary"]["flagged"])
+    assert math.isfinite(got["checks"]["predictions"]["metrics"]["text_entropy_last"])
+    # two sequences, the second one shorter: the stream stops where it ends
+    two = codes[..., :128].clone()
+    two[1, :, 96:] = -1
+    got = run_diagnostics(model, two, settings)
+    assert got["settings"]["stream_frames"] == 96 and got["settings"]["padding_frames_not_streamed"] == 32
+    assert got["findings"] == run_diagnostics(model, codes[..., :96], settings)["findings"]
+    with pytest.raises(ValueError, match="starts with padding"):
+        without_padding(torch.full((1, 17, 8), -1))
+
+
+def test_stream_mean_leaves_padding_out_and_keeps_real_non_finite_values():
+    empty = np.zeros((2, 3))
+    rec = StreamRecord(frames=3, chunk_frames=1, valid=np.array([[True, True, False], [True, False, True]]),
+                       text_entropy=empty, audio_entropy=empty, text_argmax=empty, audio_argmax=empty)
+    mean = rec.mean(np.array([[1.0, np.inf, 5.0], [3.0, 7.0, 9.0]]))
+    assert mean.tolist() == [2.0, np.inf, 9.0]  # frame 1: the valid sample diverged, the padded one is ignored
+    rec.valid[:, 2] = False
+    assert np.isnan(rec.mean(np.ones((2, 3)))[2])  # no sample holds frame 2
+
+
+def test_one_frame_rate():
+    from moshi.models import loaders
+
+    from moshi_ttt.constants import FRAME_RATE
+
+    assert FRAME_RATE == loaders.FRAME_RATE
 
 
 # ---- TTT state health -----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ the intended length: wraparound), ``ttt_usage`` (gates near zero, output change 
 ``ttt_health`` (fast-weight norm/mean/std and inner lr over the stream, divergence), ``drift``
 (normalisation-input drift, residual-norm jumps by position), ``predictions`` (text/audio entropy
 by position, repetition and distinct-n over time). The long-stream checks run the model in
-streaming mode, chunk by chunk (linear in the length).
+streaming mode, chunk by chunk (linear in the length). Without ``--pack`` each sequence is one
+conversation from ``--shards``; the stream stops where the shortest one ends (padding is never
+streamed or counted), so ``--pack`` is what reaches a long ``--frames`` with short conversations.
 
 Example (after ``make demo``)::
 
@@ -31,8 +33,9 @@ import logging
 import sys
 from pathlib import Path
 
+from moshi_ttt.constants import FRAME_RATE
+
 logger = logging.getLogger("moshi_ttt.diagnose")
-FRAME_RATE = 12.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-frames", type=int, default=None,
                    help="stream only this many frames (default: the intended length)")
     p.add_argument("--num-samples", type=int, default=1, help="sequences streamed side by side (a batch)")
-    p.add_argument("--pack", action="store_true", help="join consecutive conversations of --shards end to end")
+    p.add_argument("--pack", action="store_true", help="join consecutive conversations of --shards end to end "
+                   "(without it the stream stops where the shortest conversation ends)")
     p.add_argument("--seed", type=int, default=0, help="seed of --synthetic")
     p.add_argument("--chunk-frames", type=int, default=None,
                    help="frames per streaming step (default: the TTT mini-batch size, else 16)")
@@ -141,8 +145,9 @@ def sequences(args, model, frames: int):
         codes, source = shard_codes(args.shards, frames, args.num_samples, args.pack), f"--shards {args.shards}"
         short = int((codes[:, 0] >= 0).sum(-1).min())
         if short < frames:
-            logger.warning("%s: a sequence has only %d valid frames of %d (padding is masked out; use --pack to "
-                           "join conversations)", source, short, frames)
+            logger.warning("%s: a sequence has only %d frames of conversation of the %d asked: the stream stops "
+                           "there, padding is never streamed (--pack joins consecutive conversations to fill it)",
+                           source, short, frames)
     check_vocabulary(codes, model, source)
     return codes
 

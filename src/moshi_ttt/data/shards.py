@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from moshi_ttt.constants import FRAME_RATE
+
 NUM_STREAMS = 17  # 1 text + 8 Moshi codebooks + 8 user codebooks
-FRAME_RATE = 12.5
 INDEX_NAME = "index.json"
 
 

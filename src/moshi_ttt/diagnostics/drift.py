@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.diagnostics.findings import CheckResult, bucket, seconds
 from moshi_ttt.diagnostics.thresholds import DEFAULTS, Thresholds
 
@@ -85,7 +86,7 @@ def check_drift(residual: dict, norm_inputs: dict, windows: dict | None = None, 
             note = (f": at the attention window of {', '.join(at_window)} (the ring KV cache starts dropping "
                     "frames here: wraparound)") if at_window else ""
             res.add("warn", f"{name}: residual RMS jumps x{ratio:.3g} at frame {frame} "
-                    f"(t={frame / 12.5:.1f} s) over the median of the previous {th.jump_window} frames{note}", name)
+                    f"(t={frame / FRAME_RATE:.1f} s) over the median of the previous {th.jump_window} frames{note}", name)
     res.metrics = {"window_frames": window_frames, "norm_inputs": norms, "residual": jumps}
     if not res.flagged():
         res.add("ok", f"no norm-input drift beyond x{th.drift_ratio:g} and no residual jump beyond "

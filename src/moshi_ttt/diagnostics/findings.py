@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moshi_ttt.constants import FRAME_RATE
+
 SEVERITIES = ("ok", "warn", "fail")
 RANK = {s: i for i, s in enumerate(SEVERITIES)}
-FRAME_RATE = 12.5  # Moshi's frames per second
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.eval.plots import _figure, _finish
 
 KIND_COLORS = {"attention": "#d62728", "pre_attention": "#2ca02c", "hybrid": "#17becf",
@@ -15,7 +16,7 @@ def _nan(x):
     return float("nan") if x is None else x
 
 
-def _xy(series: dict, scale: float = 1 / 12.5):
+def _xy(series: dict, scale: float = 1 / FRAME_RATE):
     return [f * scale for f in series["frame"]], [_nan(v) for v in series["value"]]
 
 
@@ -99,7 +100,7 @@ def plot_drift(drift: dict, path=None):
         ax.plot(*_xy(s), lw=0.8, label=name)
     for row in drift["metrics"]["residual"].values():
         if row.get("max_jump_frame") is not None and (row.get("max_jump_ratio") or 0) > 1.5:
-            axes[0].axvline(row["max_jump_frame"] / 12.5, color="red", lw=0.6, ls=":")
+            axes[0].axvline(row["max_jump_frame"] / FRAME_RATE, color="red", lw=0.6, ls=":")
     for ax, title in zip(axes, ("residual RMS entering each layer", "RMS of each norm's input")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("time (s)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.diagnostics.findings import CheckResult, bucket, seconds
 from moshi_ttt.diagnostics.thresholds import DEFAULTS, Thresholds
 from moshi_ttt.eval.phases import distinct_n, moving_ttr, repetition_rate
@@ -48,7 +49,7 @@ def window_stats(text_entropy: np.ndarray, audio_entropy: np.ndarray, text_token
             if audio:
                 arep.append(repetition_rate(audio, ngram))
                 ad1.append(distinct_n(audio, 1))
-        rows.append({"start_frame": a, "end_frame": b, "start_s": a / 12.5, "end_s": b / 12.5,
+        rows.append({"start_frame": a, "end_frame": b, "start_s": a / FRAME_RATE, "end_s": b / FRAME_RATE,
                      "text_entropy": _nanmean(text_entropy[a:b]), "audio_entropy": _nanmean(audio_entropy[a:b]),
                      "content_tokens": float(np.mean(n_tok)), "repetition_rate": _nanmean(rep),
                      "distinct_1": _nanmean(d1), "distinct_2": _nanmean(d2),
@@ -73,7 +74,7 @@ def _trend(res: CheckResult, rows: list[dict], key: str, label: str, th: Thresho
     onset = next((f for f, v in vals if v >= th.salad_entropy), None)
     if onset is not None and first < th.salad_entropy:
         res.add("warn", f"{label} predictions near-uniform (normalised entropy >= {th.salad_entropy:g}: word salad) "
-                f"from frame {onset} (t={onset / 12.5:.1f} s)", key)
+                f"from frame {onset} (t={onset / FRAME_RATE:.1f} s)", key)
     elif last - first > th.entropy_rise:
         res.add("warn", f"{label} entropy rises over the stream: {first:.3g} in the first window -> {last:.3g} in "
                 f"the last (+{last - first:.3g} > {th.entropy_rise:g})", key)
@@ -112,7 +113,7 @@ def check_predictions(text_entropy, audio_entropy, text_tokens, audio_tokens, va
             onset = next((f for f, v in vals if v >= th.loop_repetition), None)
             if onset is not None:
                 res.add("warn", f"{label} repeats itself (loops): {th.ngram}-gram repetition >= {th.loop_repetition:g} "
-                        f"from frame {onset} (t={onset / 12.5:.1f} s), {vals[0][1]:.2f} in the first window", key)
+                        f"from frame {onset} (t={onset / FRAME_RATE:.1f} s), {vals[0][1]:.2f} in the first window", key)
     if not res.flagged():
         res.add("ok", f"entropy and repetition stable over {seconds(text_entropy.size)}: text entropy "
                 f"{res.metrics['text_entropy_first']:.3g} -> {res.metrics['text_entropy_last']:.3g}, "

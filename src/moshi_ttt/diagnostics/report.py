@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.diagnostics.context import check_context
 from moshi_ttt.diagnostics.drift import check_drift
 from moshi_ttt.diagnostics.findings import RANK, CheckResult, jsonable, seconds
@@ -30,7 +31,7 @@ from moshi_ttt.diagnostics.layout import model_layout
 from moshi_ttt.diagnostics.plots import PLOTTERS
 from moshi_ttt.diagnostics.predictions import check_predictions
 from moshi_ttt.diagnostics.rope import check_rope
-from moshi_ttt.diagnostics.stream import default_chunk_frames, record_stream
+from moshi_ttt.diagnostics.stream import default_chunk_frames, record_stream, without_padding
 from moshi_ttt.diagnostics.thresholds import DEFAULTS, Thresholds
 from moshi_ttt.diagnostics.ttt_health import check_ttt_health
 from moshi_ttt.diagnostics.usage import check_ttt_usage
@@ -103,13 +104,14 @@ def run_checks(model, codes: torch.Tensor | None, settings: DiagnoseSettings) ->
 
 
 def build_report(name: str, results: list[CheckResult], settings: DiagnoseSettings, layout: dict | None = None,
-                 stream_frames: int | None = None, spec: str | None = None) -> dict:
+                 stream_frames: int | None = None, spec: str | None = None, padding_frames: int = 0) -> dict:
     findings = sorted((f for r in results for f in r.findings), key=lambda f: -RANK[f.severity])
     counts = {s: sum(f.severity == s for f in findings) for s in RANK}
     status = max((f.severity for f in findings), key=RANK.__getitem__, default="ok")
     return jsonable({
         "schema": SCHEMA, "name": name, "spec": spec, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "settings": {**settings.to_dict(), "stream_frames": stream_frames, "frame_rate": 12.5},
+        "settings": {**settings.to_dict(), "stream_frames": stream_frames, "padding_frames_not_streamed": padding_frames,
+                     "frame_rate": FRAME_RATE},
         "model": layout or {},
         "summary": {"status": status, "counts": counts,
                     "flagged": [f"[{f.severity}] {f.check}: {f.message}" for f in findings if f.severity != "ok"]},
@@ -121,11 +123,19 @@ def build_report(name: str, results: list[CheckResult], settings: DiagnoseSettin
 
 def run_diagnostics(model, codes: torch.Tensor | None, settings: DiagnoseSettings, name: str = "model",
                     spec: str | None = None) -> dict:
-    """All checks on ``model`` (eval mode, frozen) and ``codes`` [N, 17, T] (None: static checks only)."""
+    """All checks on ``model`` (eval mode, frozen) and ``codes`` [N, 17, T] (None: static checks only).
+
+    The stream stops where the shortest sequence's padding (-1) starts: padding is never streamed."""
     settings = replace(settings, chunk_frames=settings.chunk_frames or default_chunk_frames(model))
+    padding = 0
+    if codes is not None:
+        codes, padding = without_padding(codes)
+        if padding:
+            logger.warning("%s: %d padded frames at the end are not streamed (%d frames of conversation%s)", name,
+                           padding, codes.shape[-1], "" if codes.shape[0] == 1 else " in every sequence")
     results = run_checks(model, codes, settings)
     return build_report(name, results, settings, model_layout(model).to_dict(),
-                        None if codes is None else int(codes.shape[-1]), spec)
+                        None if codes is None else int(codes.shape[-1]), spec, padding)
 
 
 def write_report(report: dict, out_dir) -> dict[str, Path]:

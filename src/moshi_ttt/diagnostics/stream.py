@@ -7,6 +7,11 @@ across chunks). A chunk of C frames needs its first query's whole window in the 
 ring is enlarged to ``context + C - 1`` slots while the attention mask keeps ``context``: the
 outputs equal the full training forward's (tested), for any chunk size. The depformer (audio
 logits) runs per chunk outside streaming, as in training.
+
+Padding (frames of -1, after a conversation shorter than the stream) is never a finding:
+``without_padding`` cuts the stream where the first sequence ends, so padding is not streamed
+(the TTT states and batch-wide statistics see real frames only), and ``StreamRecord.mean``
+averages only the frames marked valid in case a caller streams padding anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +33,21 @@ from moshi_ttt.eval.samples import model_device
 from moshi_ttt.models.variants import TTTWrappedLayer
 
 logger = logging.getLogger(__name__)
+
+
+def valid_frames(codes: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: frames that hold a conversation (a text token; padding is -1 in every codebook)."""
+    return codes[:, 0] >= 0
+
+
+def without_padding(codes: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(codes cut to the frames where every sequence still has tokens, frames cut): a stream never
+    runs on padding, whose zero embeddings would otherwise count as conversation."""
+    valid = valid_frames(codes).all(0)
+    n = int(valid.long().cumprod(0).sum())
+    if n == 0:
+        raise ValueError(f"codes of shape {tuple(codes.shape)}: a sequence starts with padding (-1), nothing to stream")
+    return codes[..., :n], int(codes.shape[-1]) - n
 
 
 @dataclass
@@ -112,19 +132,13 @@ class StreamRecord:
     ttt_info: dict[str, dict] = field(default_factory=dict)  # layer -> kind, norm scale, eta_max, mini-batch
 
     def mean(self, x: np.ndarray) -> np.ndarray:
-        """[B, T] -> [T], averaged over the samples where the frame is valid (NaN where none is)."""
-        x = np.where(self.valid, x, np.nan)
-        with np.errstate(invalid="ignore"), _quiet():
-            return np.nanmean(x, axis=0)
+        """[B, T] -> [T], averaged over the samples where the frame is valid (NaN where none is).
 
-
-@contextlib.contextmanager
-def _quiet():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
+        Padded frames are left out; a NaN/Inf at a valid frame stays in (that is a finding)."""
+        count = self.valid.sum(0)
+        total = np.where(self.valid, np.asarray(x, dtype=np.float64), 0.0).sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 class _PositionHooks:
@@ -220,7 +234,7 @@ def record_stream(model, codes: torch.Tensor, chunk_frames: int | None = None, a
     if getattr(model, "out_norm", None) is not None:
         hooks.norm(model.out_norm, norms, "out_norm")
     rec = StreamRecord(
-        frames=T, chunk_frames=chunk_frames, valid=(codes[:, 0] >= 0).cpu().numpy(),
+        frames=T, chunk_frames=chunk_frames, valid=valid_frames(codes).cpu().numpy(),
         text_entropy=np.full((B, T), np.nan, np.float32), audio_entropy=np.full((B, T), np.nan, np.float32),
         text_argmax=np.full((B, T), -1, np.int64), audio_argmax=np.full((B, T), -1, np.int64),
         residual_rms=residual, norm_inputs=norms)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.eval.phases import (
     DEFAULT_THRESHOLDS,
     PHASES,
@@ -50,7 +51,6 @@ from moshi_ttt.eval.phases import (
 from moshi_ttt.eval.samples import model_device
 
 logger = logging.getLogger(__name__)
-FRAME_RATE = 12.5
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,6 @@
+"""Numbers fixed by Moshi itself, defined once for the whole package."""
+
+#: Mimi codec frames (= temporal-transformer steps) per second of audio: 15 s = 188 frames,
+#: 1 min = 750, 30 min = 22 500. Equal to ``moshi.models.loaders.FRAME_RATE`` (tested); kept here so
+#: data and CLI modules need not import moshi to count frames.
+FRAME_RATE = 12.5
