@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTMemory, TTTState, ttt_scan
+from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTMemory, TTTState, check_stage_mini_batch, ttt_scan
 from moshi_ttt.ttt.reference import reference_layer, reference_memory
 
 DIM = 8  # 2 heads of 4
@@ -369,3 +369,11 @@ def test_divergence_message_names_existing_keys():
     assert keys == ["ttt.layer.base_lr", "ttt.layer.eta_max", "ttt.layer.weight_norm_clip"]
     fields = set(TTTConfig.__dataclass_fields__)
     assert all(k.removeprefix("ttt.layer.") in fields for k in keys)
+
+
+def test_stage_mini_batch_rule_names_both_keys():
+    check_stage_mini_batch(None, 16, "curriculum.stages.0.ttt_mini_batch_size")
+    check_stage_mini_batch(16, 16, "curriculum.stages.0.ttt_mini_batch_size")
+    with pytest.raises(ValueError, match=r"^curriculum\.stages\.1\.ttt_mini_batch_size=32 differs from "
+                                         r"ttt\.layer\.mini_batch_size=16"):
+        check_stage_mini_batch(32, 16, "curriculum.stages.1.ttt_mini_batch_size")

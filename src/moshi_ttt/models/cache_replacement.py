@@ -37,7 +37,7 @@ from torch import nn
 
 from moshi_ttt.models.attention import LocalStreamingAttention, local_attention
 from moshi_ttt.models.segments import current_segments, per_segment
-from moshi_ttt.ttt import TTTConfig, TTTMemory, TTTState
+from moshi_ttt.ttt import TTTConfig, TTTMemory, TTTState, check_stage_mini_batch
 
 MEMORY_READS = ("add", "kv_slots")
 
@@ -147,11 +147,7 @@ class CacheReplacementAttention(LocalStreamingAttention):
     def _memory_inputs(self, x: torch.Tensor):
         """Pre-RoPE (q, k, v) [B, H, T, D] and the memory's per-token learning rates [B, H, T]."""
         q, k, v = self.project_qkv(x, rope=False)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            logits = F.linear(x.to(dtype), self.lr_proj.weight.to(dtype), self.lr_proj.bias.to(dtype))
-            lr = self.memory.eta(logits).transpose(1, 2)
-        return q, k, v, lr
+        return q, k, v, self.memory.learning_rates(self.lr_proj, x)
 
     def _joint(self, o_local: torch.Tensor, lse: torch.Tensor, read: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Window attention o_L [B, H, T, D] (log-sum-exp ``lse`` [B, H, T]) and each query's own
@@ -222,9 +218,7 @@ class CacheReplacementAttention(LocalStreamingAttention):
         return attn + self._memory_update(query)
 
     def configure_for_stage(self, ttt_mini_batch_size: int | None = None, window: int | None = None) -> None:
-        if ttt_mini_batch_size is not None and ttt_mini_batch_size != self.memory.mini_batch_size:
-            raise ValueError(f"{self.ttt_name}: a stage asks for TTT mini-batch {ttt_mini_batch_size}, the memory "
-                             f"was built with {self.memory.mini_batch_size}")
+        check_stage_mini_batch(ttt_mini_batch_size, self.memory.mini_batch_size, f"{self.ttt_name}: a stage's TTT mini-batch")
 
     def opening_parameters(self) -> list[nn.Parameter]:
         """What opens the memory's path (gate, read projection or slot logit, inner-lr projection):

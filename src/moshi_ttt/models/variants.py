@@ -26,7 +26,7 @@ from moshi.modules.transformer import StreamingTransformerLayer, create_norm_fn
 from torch import nn
 
 from moshi_ttt.models.segments import current_segments, per_segment
-from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTState
+from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTState, check_stage_mini_batch
 
 VARIANTS = ("none", "pre_attention", "post_attention", "hybrid", "cache_replacement")
 PLACEMENTS = ("pre_attention", "post_attention", "hybrid")
@@ -118,12 +118,7 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState]):
         return x
 
     def configure_for_stage(self, ttt_mini_batch_size: int | None = None, window: int | None = None) -> None:
-        if ttt_mini_batch_size is not None and ttt_mini_batch_size != self.ttt.memory.mini_batch_size:
-            raise ValueError(
-                f"{self.name}: a curriculum stage asks for TTT mini-batch {ttt_mini_batch_size}, the layer was "
-                f"built with {self.ttt.memory.mini_batch_size} (the per-position learning rates are sized by it); "
-                "set ttt.layer.mini_batch_size to the same value"
-            )
+        check_stage_mini_batch(ttt_mini_batch_size, self.ttt.memory.mini_batch_size, f"{self.name}: a stage's TTT mini-batch")
 
     def opening_parameters(self) -> list[nn.Parameter]:
         """What opens the memory's path (gate, read projection, inner-lr projection): the

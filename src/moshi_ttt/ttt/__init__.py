@@ -9,7 +9,7 @@
   it first, the tests hold the fast path to it.
 """
 
-from moshi_ttt.ttt.config import TTTConfig
+from moshi_ttt.ttt.config import TTTConfig, check_stage_mini_batch
 from moshi_ttt.ttt.guard import check_finite
 from moshi_ttt.ttt.inner import InnerModel, LinearInner, MLPInner, layer_norm, ln_l2_grad, make_inner
 from moshi_ttt.ttt.layer import TTTLayer
@@ -26,6 +26,7 @@ __all__ = [
     "TTTMemory",
     "TTTState",
     "check_finite",
+    "check_stage_mini_batch",
     "clip_weights",
     "layer_norm",
     "ln_l2_grad",

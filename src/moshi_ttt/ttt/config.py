@@ -14,6 +14,18 @@ def config_key(field: str) -> str:
     return f"{CONFIG_KEY}.{field}"
 
 
+def check_stage_mini_batch(stage_value: int | None, built: int, where: str) -> None:
+    """The one rule for ``curriculum.stages.N.ttt_mini_batch_size``: null, or the size the TTT
+    layers were built with (their per-position learning rates and cache_replacement's window are
+    sized by it, so a stage cannot change it). ``where`` names the stage key or the layer."""
+    if stage_value is not None and stage_value != built:
+        raise ValueError(
+            f"{where}={stage_value} differs from {config_key('mini_batch_size')}={built}: the TTT layers are "
+            "built with one mini-batch size (per-position learning rates and cache_replacement's window are "
+            "sized by it); set the same value or leave the stage's null"
+        )
+
+
 @dataclass
 class TTTConfig:
     """Hyper-parameters of a multi-head TTT layer (Sun et al., 2024, with the video-TTT guards).
