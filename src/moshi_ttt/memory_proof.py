@@ -34,6 +34,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.data.recall import PairsRecallSpec, write_pairs_recall_shards
 from moshi_ttt.eval.recall import late_loss, recall_report
 
@@ -61,7 +62,7 @@ def _model_overrides(args) -> list[str]:
 
 def _stage(name: str, frames: int, steps: int, args) -> str:
     """A curriculum stage as a Hydra override value."""
-    return (f"{{name:{name},seconds:{frames / 12.5},steps:{steps},batch_size:{args.batch_size},"
+    return (f"{{name:{name},seconds:{frames / FRAME_RATE},steps:{steps},batch_size:{args.batch_size},"
             f"lr:{args.ttt_lr},warmup_steps:{min(20, steps // 4)},min_lr_ratio:1.0}}")  # constant after warmup
 
 

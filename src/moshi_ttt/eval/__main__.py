@@ -17,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+from moshi_ttt.constants import FRAME_RATE
+
 logger = logging.getLogger("moshi_ttt.eval")
 DEFAULT_OUT = "outputs/eval/demo"
 
@@ -25,7 +27,7 @@ def _frames(args, default: int) -> int:
     if args.frames is not None and args.minutes is not None:
         raise ValueError("give --frames or --minutes, not both")
     if args.minutes is not None:
-        return max(1, round(args.minutes * 60 * 12.5))
+        return max(1, round(args.minutes * 60 * FRAME_RATE))
     return args.frames if args.frames is not None else default
 
 
@@ -122,7 +124,7 @@ def cmd_generate(args, models) -> None:
         rows.append((name, tl.summary()))
         del model
     fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
-    lines = [f"Generation: {frames} frames ({frames / 12.5:.0f} s) from {prompt.key}, first "
+    lines = [f"Generation: {frames} frames ({frames / FRAME_RATE:.0f} s) from {prompt.key}, first "
              f"{min(args.prompt_frames, prompt.frames)} frames teacher-forced; windows of {args.window_frames} frames", "",
              "| model | windows | " + " | ".join(PHASES) + " | silent | worst | final | "
              + " | ".join(f"{p} from (s)" for p in PHASES[1:]) + " | text entropy | repetition |",

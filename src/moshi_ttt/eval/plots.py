@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from moshi_ttt.constants import FRAME_RATE
+
 PHASE_COLORS = {"coherent": "#2ca02c", "loops": "#ff7f0e", "fragmentation": "#d62728",
                 "word_salad": "#9467bd", "silent": "#bbbbbb"}
 
@@ -103,7 +105,7 @@ def plot_recall(results: dict, path=None, ax=None):
     chance = [r["chance"] for r in results.values() if r.get("chance") is not None]
     if chance:
         ax.axhline(max(chance), color="black", ls="--", lw=0.8, label="chance")
-    ax.set_xticks(range(len(delays)), [f"{d}\n({d / 12.5:.0f} s)" for d in delays])
+    ax.set_xticks(range(len(delays)), [f"{d}\n({d / FRAME_RATE:.0f} s)" for d in delays])
     ax.set_xlabel("delay between fact and recall (frames)")
     ax.set_ylabel("recall accuracy")
     ax.set_ylim(0, 1.02)
