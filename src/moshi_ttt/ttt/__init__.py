@@ -1,6 +1,6 @@
 """TTT layers: a fast-weight memory updated by a gradient step per mini-batch (no Moshi inside).
 
-- ``TTTConfig``: the settings (Hydra group ``ttt``).
+- ``TTTConfig``: the settings (the Hydra keys under ``ttt.layer``); ``check_stage_mini_batch``: the stage rule.
 - ``TTTLayer(config, dim, name)``: x [B, T, dim] -> (tanh(alpha) * TTT(x), state); add it to a residual.
 - ``TTTMemory(config, head_dim, read_lag)``: the memory alone, written with (k, v), read with q.
 - ``TTTState``: per-sample fast weights plus the unwritten tail, for streaming and resets.
