@@ -1,0 +1,56 @@
+"""The flagship recipe (conf/experiment/moshiko_ttt_30min.yaml) in miniature: only what cannot
+run on a CPU is overridden, so every other key of the recipe runs here first.
+
+Overridden: the model (tiny, with 3 layers so the recipe's ``ttt.layers: [-3, -2, -1]`` selects
+them all; gradient checkpointing and every TTT setting kept), the data (synthetic shards), the
+trainer (DeepSpeed on 2 CPU processes), the stages' lengths/steps/batches (same packing and
+reset policy), and the logger's mode (W&B offline, as the test environment sets).
+"""
+
+from __future__ import annotations
+
+STAGE_SHAPES = [  # (seconds, steps, batch_size): 32, 200 and 300 frames
+    (2.56, 4, 2),
+    (16, 4, 1),
+    (24, 3, 1),
+]
+
+
+def stage_overrides() -> list[str]:
+    out = []
+    for i, (seconds, steps, batch) in enumerate(STAGE_SHAPES):
+        out += [f"curriculum.stages.{i}.seconds={seconds}", f"curriculum.stages.{i}.steps={steps}",
+                f"curriculum.stages.{i}.batch_size={batch}", f"curriculum.stages.{i}.warmup_steps=1"]
+    return out
+
+
+def total_steps() -> int:
+    return sum(steps for _, steps, _ in STAGE_SHAPES)
+
+
+def stage_of_step(step: int) -> int:
+    end = 0
+    for i, (_, steps, _) in enumerate(STAGE_SHAPES):
+        end += steps
+        if step < end:
+            return i
+    raise ValueError(step)
+
+
+def miniature_overrides(trainer: str | None = "deepspeed_cpu_sim") -> list[str]:
+    """``python train.py`` arguments after ``experiment=moshiko_ttt_30min``. ``trainer=None``
+    leaves the trainer to the caller (the sbatch script sets it from MOSHI_TTT_TRAINER)."""
+    out = [
+        "model=tiny",
+        "model.gradient_checkpointing=true",
+        "model.lm_kwargs.num_layers=3",
+        "data=synthetic",
+        "data.val_shards=${data.train_shards}",
+        "data.val_batches=1",
+        "data.num_workers=0",
+        "trainer.val_check_interval=4",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.progress.every_n_steps=1",
+        *stage_overrides(),
+    ]
+    return ([f"trainer={trainer}"] if trainer else []) + out

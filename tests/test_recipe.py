@@ -1,0 +1,48 @@
+"""The recipe a user submits for the real model runs here first: conf/experiment/moshiko_ttt_30min
+in miniature (tests/recipe_miniature.py lists the only overrides), through all three curriculum
+stages with packing, memory resets and gradient checkpointing, under DeepSpeed on 2 processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import read_metric
+from recipe_miniature import STAGE_SHAPES, miniature_overrides, stage_of_step, total_steps
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_recipe_composes_with_the_real_model_settings(compose_cfg):
+    cfg = compose_cfg("experiment=moshiko_ttt_30min", "data.train_shards=/data/shards")
+    assert cfg.model.repo == "kyutai/moshiko-pytorch-bf16" and cfg.model.gradient_checkpointing
+    assert [s.seconds for s in cfg.curriculum.stages] == [15, 300, 1800]
+    assert [bool(s.packing) for s in cfg.curriculum.stages] == [False, True, True]
+    assert "DeepSpeed" in cfg.trainer.strategy._target_
+    assert "wandb" in cfg.logger
+
+
+@pytest.mark.slow
+def test_recipe_in_miniature_runs_every_stage_under_deepspeed(tmp_path):
+    env = {**os.environ, "MOSHI_TTT_OUTPUT": str(tmp_path), "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "train.py", "experiment=moshiko_ttt_30min", "run_name=mini", *miniature_overrides()]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    run = tmp_path / "runs" / "mini"
+    losses = read_metric(run, "train/loss")
+    assert sorted(losses) == list(range(total_steps())), sorted(losses)
+    packed = read_metric(run, "data/packed_fraction")
+    for stage in (1, 2):  # the long stages join conversations (and reset TTT memory between them)
+        assert any(v > 0 for s, v in packed.items() if stage_of_step(s) == stage), packed
+    ckpts = run / "checkpoints"
+    for i, name in enumerate(["15s", "5min", "30min"]):
+        assert (ckpts / f"stage{i}-{name}-end.ckpt").exists(), sorted(p.name for p in ckpts.iterdir())
+    assert read_metric(run, "val/loss"), "validation never ran"
+    assert list(run.glob("wandb/offline-run-*")), "no offline W&B run"
+    assert len(STAGE_SHAPES) == 3
