@@ -21,6 +21,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from moshi_ttt import signals
+
 logger = logging.getLogger(__name__)
 
 
@@ -45,6 +47,9 @@ class PreemptionCallback(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._previous = signal.signal(self.signum, self._handler)
+        if signals.take(self.signum):  # it came during start-up: act at the first step boundary
+            logger.warning("preemption signal received during start-up")
+            self._flag = True
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._previous is not None:
