@@ -1,9 +1,20 @@
-"""``python -m moshi_ttt.export CKPT OUT_DIR``: a training checkpoint -> TTT weights + config.
+"""``python -m moshi_ttt.export CKPT OUT_DIR``: a training checkpoint -> a directory moshi's users recognise.
 
-CKPT is a Lightning checkpoint file or a DeepSpeed (ZeRO) checkpoint directory. OUT_DIR gets
-``ttt_weights.safetensors`` (only what was trained: TTT layers, LoRA when used) and
-``config.json`` (the base model's source and the ``ttt``/``lora`` settings), from which
-``moshi_ttt.models.load_exported`` rebuilds the full model for LMGen.
+CKPT is a Lightning checkpoint file, a DeepSpeed (ZeRO) checkpoint directory or a run
+directory (its ``checkpoints/last.ckpt``). OUT_DIR gets:
+
+- ``config.json``: moshi's config layout (the base LM's constructor settings at the top level,
+  ``lora``/``lora_rank``/``lora_scaling``/``lora_name`` as moshi-finetune writes them,
+  ``mimi_name``/``tokenizer_name`` when the codec files are included) plus a ``moshi_ttt``
+  section: where the frozen base comes from, the TTT settings, the weights file names;
+- ``ttt.safetensors``: the TTT layers' trained weights;
+- ``lora.safetensors`` when LoRA trained, keyed by the plain moshi module names (as moshi's
+  ``get_lora_moshi`` loads them);
+- the model's Mimi (``mimi.safetensors`` + ``mimi_config.json``) and tokenizer
+  (``tokenizer.model``) when they are local files (a hub base's are recorded by repo id).
+
+The model config comes from the checkpoint itself (``serving.checkpoint``). ``serve``,
+``infer``, ``eval`` and ``diagnose`` take OUT_DIR, or a hub repo id it was uploaded to.
 """
 
 from __future__ import annotations
@@ -11,70 +22,248 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import torch
-import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from moshi_ttt.serving.checkpoint import last_checkpoint, load_raw, run_config, trained_state_dict
 
 logger = logging.getLogger("moshi_ttt.export")
 
-WEIGHTS_NAME = "ttt_weights.safetensors"
+FORMAT = "moshi-ttt-export/2"
 CONFIG_NAME = "config.json"
+TTT_NAME = "ttt.safetensors"
+LORA_NAME = "lora.safetensors"
+LEGACY_WEIGHTS_NAME = "ttt_weights.safetensors"  # format 1: every trained tensor in one file
+_LORA_MARKERS = (".lora_A.", ".lora_B.")
+# Keys of a moshi config.json that are not LMModel constructor settings.
+_NON_LM_KEYS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
+                "lm_gen_config", "tts_config", "stt_config", "model_id", "lora", "lora_rank", "lora_scaling")
+
+# The TTT wrapper keeps moshi's layer as its child ``layer``: moshi's own name drops that step.
+_WRAPPER_CHILD = ".layer."
 
 
-def _find_run_config(ckpt: Path) -> Path:
-    for parent in [ckpt.parent, *ckpt.parents]:
-        candidate = parent / "config.yaml"
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"{ckpt}: no config.yaml in its run directory; pass --config")
+def is_lora_key(name: str) -> bool:
+    return any(m in name for m in _LORA_MARKERS)
 
 
-def trained_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Trainable weights (keys relative to the LMModel) from a Lightning file or a ZeRO directory."""
-    if ckpt.is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _wrapped_prefixes(state_keys) -> set[str]:
+    """``transformer.layers.N`` prefixes whose moshi layer sits under a TTT wrapper (``.layer.``)."""
+    prefixes = set()
+    for k in state_keys:
+        if not is_lora_key(k) and k.startswith("transformer.layers.") and ".ttt." in k:
+            prefixes.add(".".join(k.split(".")[:3]))
+    return prefixes
 
-        tag = (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() else None
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag, exclude_frozen_parameters=True)
-    else:
-        raw = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if "state_dict" not in raw:
-            raise ValueError(f"{ckpt}: not a Lightning checkpoint (no state_dict)")
-        state = raw["state_dict"]
-    out = {k.removeprefix("model."): v.detach().float().contiguous() for k, v in state.items()}
-    if not out:
-        raise ValueError(f"{ckpt}: holds no trained weights")
+
+def lora_to_moshi_names(state: dict, wrapped: set[str]) -> dict:
+    """Our LoRA keys -> moshi's module names (a wrapped layer's ``.layer.`` step removed)."""
+    out = {}
+    for k, v in state.items():
+        prefix = ".".join(k.split(".")[:3])
+        if prefix in wrapped and k.startswith(prefix + _WRAPPER_CHILD):
+            k = prefix + "." + k[len(prefix + _WRAPPER_CHILD):]
+        out[k] = v
     return out
 
 
-def export(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
+def lora_from_moshi_names(state: dict, model_keys: set[str]) -> dict:
+    """moshi's LoRA names -> this model's (re-inserting a wrapper's ``.layer.`` where the model has it)."""
+    out = {}
+    for k, v in state.items():
+        if k not in model_keys:
+            parts = k.split(".")
+            alt = ".".join(parts[:3] + ["layer"] + parts[3:])
+            if alt in model_keys:
+                k = alt
+        out[k] = v
+    return out
+
+
+def _base_lm_config(model_cfg: dict) -> tuple[dict, bool]:
+    """(the base LM's constructor settings, complete?) for config.json's top level."""
+    overrides = dict(model_cfg.get("lm_kwargs") or {})
+    source = model_cfg.get("source", "tiny")
+    if source == "tiny":
+        return overrides, True
+    raw = None
+    if source == "dir" and model_cfg.get("path"):
+        path = Path(model_cfg["path"]).expanduser() / "config.json"
+        raw = json.loads(path.read_text()) if path.exists() else {}
+    elif source == "hf" and model_cfg.get("repo"):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            raw = json.loads(Path(hf_hub_download(model_cfg["repo"], "config.json",
+                                                  revision=model_cfg.get("revision"))).read_text())
+        except EntryNotFoundError:
+            raw = {}  # a legacy repo: moshi assumes Moshi 7B's built-in config, as below
+        except Exception as exn:  # noqa: BLE001 - offline: say so, keep going
+            logger.warning("model.repo=%s: could not read its config.json (%s); config.json's top level holds only "
+                           "the overrides of model.lm_kwargs", model_cfg["repo"], exn)
+            return overrides, False
+    if raw is None:
+        return overrides, False
+    if not raw:
+        from moshi.models import loaders
+
+        raw = dict(loaders._lm_kwargs)
+    return {**{k: v for k, v in raw.items() if k not in _NON_LM_KEYS}, **overrides}, True
+
+
+def _copy_codec(run_cfg: dict, out_dir: Path, mimi: str | None, tokenizer: str | None) -> tuple[dict, dict]:
+    """(config.json entries, moshi_ttt.codec) for the model's Mimi and tokenizer."""
+    from moshi_ttt.data.alignment import locate_text_tokenizer
+    from moshi_ttt.data.codec import (
+        MIMI_CONFIG,
+        MIMI_WEIGHTS,
+        TINY_MIMI_CONFIG,
+        build_tiny_mimi,
+        locate_mimi,
+        save_mimi,
+    )
+    from moshi_ttt.serving.codec import codec_sources
+
+    try:
+        sources = codec_sources(run_cfg, mimi, tokenizer)
+    except ValueError as exn:
+        logger.warning("no Mimi/tokenizer in the export (%s); serve and infer will need --mimi and --tokenizer", exn)
+        return {}, {}
+    entries, codec = {}, {}
+    if sources.mimi == "tiny":
+        save_mimi(build_tiny_mimi(TINY_MIMI_CONFIG), TINY_MIMI_CONFIG, out_dir)
+        entries.update(mimi_name=MIMI_WEIGHTS, mimi_config_name=MIMI_CONFIG)
+    elif Path(sources.mimi).expanduser().exists():
+        weights, mimi_config = locate_mimi(sources.mimi)
+        shutil.copyfile(weights, out_dir / MIMI_WEIGHTS)
+        entries["mimi_name"] = MIMI_WEIGHTS
+        if mimi_config is not None:
+            (out_dir / MIMI_CONFIG).write_text(json.dumps(mimi_config, indent=2))
+            entries["mimi_config_name"] = MIMI_CONFIG
+    else:
+        codec["mimi"] = sources.mimi
+    if Path(sources.tokenizer).expanduser().exists():
+        shutil.copyfile(locate_text_tokenizer(sources.tokenizer), out_dir / "tokenizer.model")
+        entries["tokenizer_name"] = "tokenizer.model"
+    else:
+        codec["tokenizer"] = sources.tokenizer
+    if codec:  # what is not in the directory is named by where it comes from
+        codec.setdefault("mimi", ".")
+        codec.setdefault("tokenizer", ".")
+    return entries, codec
+
+
+def export(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None, mimi: str | None = None,
+           tokenizer: str | None = None) -> Path:
+    """Write the export directory of ``ckpt`` (a checkpoint or a run directory) to ``out_dir``."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    run_cfg = yaml.safe_load(Path(config or _find_run_config(ckpt)).read_text())
-    state = trained_state_dict(ckpt)
+    if ckpt.is_dir() and ((ckpt / "checkpoints").is_dir() or (ckpt / "config.yaml").exists()):
+        ckpt = last_checkpoint(ckpt)
+    raw = load_raw(ckpt)
+    run_cfg = run_config(ckpt, raw, fallback=config)
+    state = trained_state_dict(ckpt, None if ckpt.is_dir() else raw)
+    model_cfg = dict(run_cfg["model"])
+    ttt_cfg = dict(run_cfg.get("ttt") or {"variant": "none"})
+    if model_cfg.get("train_base"):
+        raise ValueError(f"{ckpt}: model.train_base=true trained the whole base; an adapter export would drop it")
+    lora = {k: v for k, v in state.items() if is_lora_key(k)}
+    ttt = {k: v for k, v in state.items() if not is_lora_key(k)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out_dir / WEIGHTS_NAME))
-    meta = {"format": "moshi-ttt-export/1", "model": run_cfg["model"], "ttt": run_cfg.get("ttt", {"variant": "none"}),
-            "source_checkpoint": str(ckpt), "num_tensors": len(state),
-            "num_parameters": int(sum(v.numel() for v in state.values()))}
+    for stale in (TTT_NAME, LORA_NAME, LEGACY_WEIGHTS_NAME):
+        (out_dir / stale).unlink(missing_ok=True)
+    if ttt:
+        save_file(ttt, str(out_dir / TTT_NAME))
+    lora_cfg = dict(model_cfg.get("lora") or {})
+    if lora:
+        save_file(lora_to_moshi_names(lora, _wrapped_prefixes(state)), str(out_dir / LORA_NAME))
+    lm_config, complete = _base_lm_config(model_cfg)
+    codec_entries, codec = _copy_codec(run_cfg, out_dir, mimi, tokenizer)
+    meta = {
+        **lm_config,
+        "model_type": "moshi",
+        "lora": bool(lora),
+        **({"lora_rank": int(lora_cfg.get("rank", 0)), "lora_scaling": float(lora_cfg.get("scaling", 2.0)),
+            "lora_name": LORA_NAME} if lora else {}),
+        **codec_entries,
+        "moshi_ttt": {
+            "format": FORMAT,
+            "model": {**model_cfg, "gradient_checkpointing": False},
+            "ttt": ttt_cfg,
+            "ttt_name": TTT_NAME if ttt else None,
+            "lora_modules": lora_cfg.get("modules", "transformer") if lora else None,
+            "codec": codec or None,
+            "base_config_complete": complete,
+            "source_checkpoint": str(ckpt),
+            "num_tensors": len(state),
+            "num_parameters": int(sum(v.numel() for v in state.values())),
+        },
+    }
     (out_dir / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    logger.info("exported %d tensors (%s parameters) to %s", len(state), f"{meta['num_parameters']:,}", out_dir)
+    logger.info("exported %d tensors (%s parameters: %d TTT, %d LoRA tensors) to %s", len(state),
+                f"{meta['moshi_ttt']['num_parameters']:,}", len(ttt), len(lora), out_dir)
     return out_dir
 
 
+def read_export(directory: str | Path) -> dict:
+    """An export's settings as ``{model, ttt, codec, ...}`` (format 2, or format 1 of older exports)."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exn:
+        raise ValueError(f"{path}: unreadable ({exn})") from exn
+    if "moshi_ttt" in raw:
+        meta = dict(raw["moshi_ttt"])
+        meta["lm_gen_config"] = raw.get("lm_gen_config") or {}
+        meta["lora_name"] = raw.get("lora_name")
+        if raw.get("mimi_name") and raw.get("tokenizer_name") and not meta.get("codec"):
+            meta["codec"] = {"mimi": str(directory), "tokenizer": str(directory)}
+        elif meta.get("codec"):
+            meta["codec"] = {k: str(directory) if v == "." else v for k, v in meta["codec"].items()}
+    elif "model" in raw and (directory / LEGACY_WEIGHTS_NAME).exists():
+        meta = {**raw, "ttt": raw.get("ttt") or {"variant": "none"}, "codec": None, "legacy": True}
+    else:
+        raise ValueError(f"{path}: not a moshi-ttt export (no 'moshi_ttt' section); a plain moshi checkpoint "
+                         "directory is a base model: use it as model.source=dir")
+    if "model" not in meta:
+        raise ValueError(f"{path}: moshi_ttt.model is missing")
+    return meta
+
+
+def load_export_weights(directory: str | Path, meta: dict, model_keys: set[str], device: str = "cpu") -> dict:
+    """Every trained tensor of an export, keyed by this model's parameter names."""
+    directory = Path(directory)
+    if meta.get("legacy"):
+        return load_file(str(directory / LEGACY_WEIGHTS_NAME), device=device)
+    state: dict[str, torch.Tensor] = {}
+    if meta.get("ttt_name"):
+        state.update(load_file(str(directory / meta["ttt_name"]), device=device))
+    if meta.get("lora_name"):
+        state.update(lora_from_moshi_names(load_file(str(directory / meta["lora_name"]), device=device), model_keys))
+    return state
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("ckpt", help="Lightning .ckpt file or DeepSpeed checkpoint directory")
+    parser = argparse.ArgumentParser(prog="python -m moshi_ttt.export", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("ckpt", help="Lightning .ckpt file, DeepSpeed checkpoint directory or run directory")
     parser.add_argument("out_dir")
-    parser.add_argument("--config", default=None, help="the run's config.yaml (default: found beside the checkpoint)")
+    parser.add_argument("--config", default=None,
+                        help="a run's config.yaml, only for old checkpoints that do not carry their config")
+    parser.add_argument("--mimi", default=None, help="Mimi to include (default: the one the run trained with)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer to include (default: the run's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        export(args.ckpt, args.out_dir, args.config)
+        export(args.ckpt, args.out_dir, args.config, args.mimi, args.tokenizer)
     except (FileNotFoundError, ValueError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2

@@ -1,11 +1,12 @@
 """Models to evaluate, named on the command line as ``NAME=SPEC``:
 
-- ``NAME=EXPORT_DIR``: a directory written by ``python -m moshi_ttt.export`` (TTT/LoRA weights +
-  config.json), rebuilt on its recorded base (``base_override`` replaces the base's source);
+- ``NAME=MODEL``: what serve and infer take (``moshi_ttt.serving.model``): an export directory
+  written by ``python -m moshi_ttt.export``, a hub repo id holding one, a run directory or a
+  checkpoint; rebuilt on its recorded base (``base_override`` replaces the base's source);
 - ``NAME=base:MODEL_YAML``: a frozen base Moshi from a model config (``conf/model/*.yaml``, or
   any YAML with a ``model:`` section such as a run's config.yaml), no TTT;
-- ``NAME=run:RUN_DIR``: a training run's last checkpoint (``RUN_DIR/checkpoints/last.ckpt``)
-  with the run's own config.yaml, without exporting it first.
+- ``NAME=run:RUN_DIR``: a training run's last checkpoint (``RUN_DIR/checkpoints/last.ckpt``),
+  without exporting it first (the same as ``NAME=RUN_DIR``).
 """
 
 from __future__ import annotations
@@ -19,24 +20,30 @@ logger = logging.getLogger(__name__)
 
 
 def parse_model_spec(spec: str) -> tuple[str, str, str]:
-    """``NAME=SPEC`` -> (name, kind, path) with kind in export | base | run."""
+    """``NAME=SPEC`` -> (name, kind, path) with kind in export | hub | run | checkpoint | base."""
+    from moshi_ttt.serving.model import resolve
+
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"--model {spec!r}: expected NAME=EXPORT_DIR, NAME=base:MODEL_YAML or NAME=run:RUN_DIR")
-    for kind in ("base", "run"):
-        if rest.startswith(kind + ":"):
-            path = rest[len(kind) + 1 :]
-            break
-    else:
-        kind, path = "export", rest
-    if not Path(path).exists():
-        raise FileNotFoundError(f"--model {spec!r}: {path} does not exist")
-    if kind == "export" and not (Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"--model {spec!r}: {path} has no config.json (not an export directory; "
-                                "use base:MODEL_YAML or run:RUN_DIR)")
-    if kind == "run" and not (Path(path) / "config.yaml").exists():
-        raise FileNotFoundError(f"--model {spec!r}: {path} has no config.yaml (not a run directory)")
-    return name, kind, path
+        raise ValueError(f"--model {spec!r}: expected NAME=MODEL (export dir, run dir, checkpoint or hub repo id), "
+                         "NAME=base:MODEL_YAML or NAME=run:RUN_DIR")
+    if rest.startswith("base:"):
+        path = rest[len("base:"):]
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--model {spec!r}: {path} does not exist")
+        return name, "base", path
+    if rest.startswith("run:"):
+        path = rest[len("run:"):]
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--model {spec!r}: {path} does not exist")
+        if not (Path(path) / "checkpoints").is_dir() and not (Path(path) / "config.yaml").exists():
+            raise FileNotFoundError(f"--model {spec!r}: {path} has no checkpoints/ or config.yaml (not a run directory)")
+        return name, "run", path
+    try:
+        ref = resolve(rest)
+    except FileNotFoundError as exn:
+        raise FileNotFoundError(f"--model {spec!r}: {exn}") from exn
+    return name, ref.kind, ref.path
 
 
 def _model_section(path: str) -> dict:
@@ -50,34 +57,22 @@ def _model_section(path: str) -> dict:
 
 
 def load_model(kind: str, path: str, base_override: dict | None = None, device: str | None = None):
-    """An eval-mode LMModel for one parsed spec (every parameter frozen)."""
-    from moshi_ttt.models import build_model, load_exported
-    from moshi_ttt.models.build import load_trained_weights
+    """An eval-mode LMModel for one parsed spec (every parameter frozen); trained models are rebuilt
+    from the config their checkpoint or export carries (``moshi_ttt.serving.model``)."""
+    from moshi_ttt.models import build_model
+    from moshi_ttt.serving.model import ModelRef, build_lm, read_source
 
-    if kind == "export":
-        return load_exported(path, base=base_override, device=device)
     if kind == "base":
         model_cfg = {**_model_section(path), **(base_override or {})}
         if device is not None:
             model_cfg["device"] = device
         model = build_model(model_cfg, {"variant": "none"})
-    elif kind == "run":
-        from moshi_ttt.export import trained_state_dict
-
-        run_cfg = yaml.safe_load((Path(path) / "config.yaml").read_text())
-        model_cfg = {**run_cfg["model"], **(base_override or {})}
-        if device is not None:
-            model_cfg["device"] = device
-        model = build_model(model_cfg, run_cfg.get("ttt") or {"variant": "none"})
-        ckpt = Path(path) / "checkpoints" / "last.ckpt"
-        if not ckpt.exists():
-            raise FileNotFoundError(f"run {path}: no checkpoints/last.ckpt")
-        load_trained_weights(model, trained_state_dict(ckpt), ckpt)
-    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
+    if kind not in ("export", "hub", "run", "checkpoint"):
         raise ValueError(f"unknown model kind {kind!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
+    return build_lm(read_source(ModelRef(kind, path, path)), base_override, device)
 
 
 def parse_model_specs(specs: list[str]) -> list[tuple[str, str, str]]:

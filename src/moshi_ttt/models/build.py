@@ -41,23 +41,26 @@ def build_model(model_cfg: Mapping, ttt_cfg: Mapping | None = None) -> LMModel:
     return model
 
 
-def load_exported(export_dir, base: Mapping | None = None, device: str | None = None) -> LMModel:
-    """The full model for inference (LMGen) from the base checkpoint plus an exported directory.
+def load_exported(export_dir, base: Mapping | None = None, device: str | None = None,
+                  dtype: str | None = None) -> LMModel:
+    """The full model for inference (LMGen) from the base checkpoint plus an export directory.
 
     ``base`` overrides the recorded base-model source (e.g. ``{"source": "dir", "path": ...}``
     on a machine where the hub is not reachable)."""
-    import json
     from pathlib import Path
 
-    from safetensors.torch import load_file
+    from moshi_ttt.export import load_export_weights, read_export
 
     export_dir = Path(export_dir)
-    meta = json.loads((export_dir / "config.json").read_text())
-    model_cfg = {**meta["model"], **(base or {})}
+    meta = read_export(export_dir)
+    model_cfg = {**meta["model"], **(base or {}), "gradient_checkpointing": False}
     if device is not None:
         model_cfg["device"] = device
+    if dtype is not None:
+        model_cfg["dtype"] = dtype
     model = build_model(model_cfg, meta["ttt"])
-    state = load_file(str(export_dir / "ttt_weights.safetensors"), device=model_cfg.get("device", "cpu"))
+    keys = {n for n, _ in model.named_parameters()}
+    state = load_export_weights(export_dir, meta, keys, device=model_cfg.get("device", "cpu"))
     load_trained_weights(model, state, export_dir)
     for p in model.parameters():
         p.requires_grad_(False)

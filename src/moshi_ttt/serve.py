@@ -1,0 +1,121 @@
+"""``python -m moshi_ttt.serve MODEL``: talk to a trained model with moshi's full-duplex server.
+
+MODEL: an export directory, a hub repo id holding one, a run directory or a checkpoint (see
+``moshi_ttt.serving.model``). The server is moshi's own (``moshi.server``: websocket
+``/api/chat``, Opus audio both ways, Moshi's text as it is spoken) with the TTT model inside,
+its Mimi and its tokenizer; the TTT memory is carried through a conversation and reset for
+each new connection. ``--static none`` serves the websocket only (moshi's web UI is a
+download from the hub; ``--static DIR`` serves a local copy).
+
+Example (after ``make demo``)::
+
+    python -m moshi_ttt.serve outputs/runs/demo --static none --port 8998
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+logger = logging.getLogger("moshi_ttt.serve")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL and how to load it: shared by serve and infer."""
+    p.add_argument("model", metavar="MODEL", help="export directory, hub repo id, run directory or checkpoint")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="LM weights (default: as the model was configured)")
+    p.add_argument("--mimi", default=None, help="Mimi source (default: the one the model was trained with)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer (default: the model's)")
+    p.add_argument("--base-dir", default=None,
+                   help="load the frozen base Moshi from this local checkpoint directory (no hub access)")
+    p.add_argument("--revision", default=None, help="hub revision when MODEL is a repo id")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """LMGen's sampling settings, named as moshi names them."""
+    p.add_argument("--temp", type=float, default=0.8, help="audio sampling temperature (LMGen temp)")
+    p.add_argument("--temp-text", type=float, default=0.7, help="text sampling temperature (LMGen temp_text)")
+    p.add_argument("--top-k", type=int, default=250, help="audio top-k (LMGen top_k)")
+    p.add_argument("--top-k-text", type=int, default=25, help="text top-k (LMGen top_k_text)")
+    p.add_argument("--greedy", action="store_true", help="argmax instead of sampling (LMGen use_sampling=False)")
+
+
+def sampling_kwargs(args) -> dict:
+    for name in ("temp", "temp_text"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
+    for name in ("top_k", "top_k_text"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    return {"temp": args.temp, "temp_text": args.temp_text, "top_k": args.top_k, "top_k_text": args.top_k_text,
+            "use_sampling": not args.greedy}
+
+
+def device_of(args) -> str:
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    return args.device
+
+
+def load_from_args(args, device: str):
+    from moshi_ttt.serving.model import load
+
+    base = {"source": "dir", "path": args.base_dir} if args.base_dir else None
+    return load(args.model, device=device, dtype=args.dtype, mimi=args.mimi, tokenizer=args.tokenizer,
+                base_override=base, revision=args.revision)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moshi_ttt.serve", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    add_model_args(p)
+    p.add_argument("--host", default="localhost")
+    p.add_argument("--port", type=int, default=8998)
+    p.add_argument("--static", default=None,
+                   help="web UI directory; 'none' for the websocket only (default: moshi's UI from the hub)")
+    p.add_argument("--cfg-coef", type=float, default=1.0, help="classifier-free guidance (moshi's --cfg-coef)")
+    p.add_argument("--seed", type=int, default=42424242, help="sampling seed (moshi's server default)")
+    add_sampling_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
+    from moshi_ttt.serving.server import build_app, make_state, static_path
+
+    try:
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port={args.port} must be in 1..65535")
+        device = device_of(args)
+        sampling = sampling_kwargs(args)
+        static = static_path(args.static)
+        loaded = load_from_args(args, device)
+    except (FileNotFoundError, ValueError) as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    from aiohttp import web
+
+    from moshi_ttt.serving.model import lm_gen_kwargs
+
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        state = make_state(loaded.lm, loaded.mimi, loaded.tokenizer, device, lm_gen_kwargs(loaded, sampling),
+                           args.cfg_coef)
+        state.warmup()
+        app = build_app(state, static)
+        logger.info("serving %s on ws://%s:%d/api/chat%s", args.model, args.host, args.port,
+                    "" if static is None else f" (web UI: http://{args.host}:{args.port})")
+        web.run_app(app, host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
