@@ -128,3 +128,20 @@ def test_pairs_recall_layout_and_scored_frames(tmp_path):
     assert index.total_samples == 10 and len(read(tmp_path)) == 10
     with pytest.raises(ValueError, match="num_keys"):
         PairsRecallSpec(gaps=(4,), num_keys=70).check()
+
+
+def test_pairs_key_in_audio_puts_each_key_beside_its_value():
+    """key_in_audio: the frame of every value (stated or asked) carries its key in the user's
+    first codebook, so a single attention hop finds it; the text is the plain layout."""
+    from moshi_ttt.data.recall import PairsRecallSpec, pairs_recall_sample
+
+    spec = PairsRecallSpec(gaps=(6,), pairs=(3,), key_in_audio=True)
+    codes, meta = pairs_recall_sample(np.random.default_rng(1), spec)
+    plain, _ = pairs_recall_sample(np.random.default_rng(1), PairsRecallSpec(gaps=(6,), pairs=(3,)))
+    assert (codes[0] == plain[0]).all() and meta["key_in_audio"]
+    text, keys = codes[0], codes[spec.key_stream]
+    value_frames = [2, 4, 6, *meta["recall_frames"]]
+    assert all(keys[f] == text[f - 1] for f in value_frames)  # the key stated just before the value
+    assert not np.delete(keys, value_frames).any() and not np.delete(codes[1:], spec.key_stream - 1, 0).any()
+    with pytest.raises(ValueError, match="key_stream"):
+        PairsRecallSpec(gaps=(4,), key_in_audio=True, key_stream=0).check()

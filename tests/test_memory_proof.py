@@ -9,24 +9,36 @@ import json
 
 import pytest
 
-from moshi_ttt.memory_proof import VARIANTS, main
+from moshi_ttt.memory_proof import VARIANTS, delay_gap, lookup_reach, main
 
 
 @pytest.mark.slow
 def test_memory_proof_runs_every_variant(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--base-steps", "4", "--variant-steps", "6", "--pretrain-samples", "16",
+    assert main(["--out", str(tmp_path), "--window", "16", "--pairs", "2", "3", "--delays", "2", "3",
+                 "--train-delay", "2", "--base-steps", "4", "--variant-steps", "6", "--pretrain-samples", "16",
                  "--train-samples", "16", "--test-samples", "4", "--batch-size", "2", "--base-batch-size", "4"]) == 0
     result = json.loads((tmp_path / "memory_proof.json").read_text())
-    assert [r["model"] for r in result["rows"]] == ["frozen base", *VARIANTS]
+    names = ["frozen base", "oracle", *VARIANTS]
+    assert [(r["model"], r["pairs"]) for r in result["rows"]] == [(n, p) for n in names for p in (2, 3)]
     for r in result["rows"]:
-        assert 0.0 <= r["recall_in_window"] <= 1.0 and 0.0 <= r["recall_accuracy"] <= 1.0
-        assert r["chance"] == pytest.approx(1 / 32)
-    assert result["beyond_distance"][0] > result["window_frames"] > result["in_window_distance"][1]
-    assert "| cache_replacement_kv_slots |" in capsys.readouterr().out
+        for k in ("in", "2x", "3x"):
+            assert 0.0 <= r[f"recall_{k}"] <= 1.0
+        assert r["chance"] == pytest.approx(1 / 32) and r["late_loss_3x"] > 0
+    assert result["delays"] == {"2x": 32, "3x": 48} and result["oracle_window"] > 48
+    assert result["in_window_reach"] < 16 and set(result["timings"]) >= {"base", *VARIANTS}
+    assert (tmp_path / "recall_vs_delay.png").stat().st_size > 1000
+    assert "| cache_replacement_kv_slots | 3 |" in capsys.readouterr().out
+    assert (tmp_path / "memory_proof.md").read_text().count("\n| ") == 2 * len(names) + 1
+
+
+def test_delays_put_the_pairs_where_the_table_says():
+    # the mean distance between a pair and its query is the delay: gap + 2 * pairs
+    assert delay_gap(4, 32, 4) + 2 * 4 == 128 and delay_gap(8, 32, 8) + 2 * 8 == 256
+    assert lookup_reach(8, 1) < 32 <= lookup_reach(8, 4)
 
 
 def test_memory_proof_rejects_layouts_that_miss_the_point(tmp_path):
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--gap", "16", "--window", "32"])  # "beyond" inside the window
+        main(["--out", str(tmp_path), "--delays", "0.5", "--window", "32"])  # "beyond" inside the window
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--inside-gap", "20", "--window", "32"])  # "inside" beyond it

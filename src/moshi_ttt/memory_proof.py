@@ -1,24 +1,27 @@
-"""``make memory-proof``: does TTT remember what the attention window forgot? (CPU, minutes)
+"""``make memory-proof``: does TTT remember far beyond the attention window? (CPU, minutes)
 
 The task is multi-query associative recall in Moshi's text stream (``moshi_ttt.data.recall``,
-``PairsRecallSpec``): a conversation states a few key/value word pairs, falls silent for a gap,
-then asks every key again, each followed by its value. Predicting a value means finding where
-its key was stated and copying the word after it. Inside the attention window a transformer
-learns this lookup; beyond it, attention cannot see the pairs and only a memory can help.
+``PairsRecallSpec`` with ``key_in_audio``): a conversation states key/value word pairs (each
+value's frame also carries its key in the user's audio, so the lookup is one attention hop),
+falls silent for a gap, then asks every key again, each followed by its value. Inside the
+attention window the tiny base learns the lookup; beyond it only a memory can help.
 
-1. Pretrain a tiny base Moshi (every weight trains) with a short attention window on
-   conversations whose pairs stay inside the window (optionally mixed with the demo speech):
-   it learns the lookup. Save it as a checkpoint directory and freeze it.
-2. Train each variant's TTT layers on conversations whose gaps mostly put the pairs beyond the
-   window (a quarter inside, so the base's own skill is kept), with a two-stage curriculum:
-   the short in-window conversations first, then everything.
-3. Score every model on held-out sets with the pairs inside and beyond the window
-   (``moshi_ttt.eval.recall``: the share of query values predicted exactly, teacher-forced) and
-   the loss after the pairs left the window; print the table, write markdown + JSON.
+1. Pretrain a tiny base Moshi (every weight trains) with a ``--window``-frame attention window on
+   conversations whose pairs stay inside the window; save it as a checkpoint directory; freeze it.
+2. Train each variant's TTT layers on the frozen base (same window) on conversations whose pairs
+   are queried ``--train-delay`` x the window later (a quarter inside, so the base's own skill is
+   kept): a short in-window stage first, then everything.
+3. Score on held-out sets with ``--pairs`` pairs queried inside the window and at each of
+   ``--delays`` x the window (``moshi_ttt.eval.recall``: the share of query values predicted
+   exactly, teacher-forced), and the loss of the late queries. Rows: the frozen base, an oracle
+   (the same frozen weights with a window that covers the longest delay: what a perfect memory
+   could reach) and every variant. Writes ``memory_proof.json``, ``memory_proof.md`` and
+   ``recall_vs_delay.png``.
 
-The design predicts that the frozen base and ``post_attention`` cannot recall beyond the
-window while ``pre_attention``, ``cache_replacement`` and ``hybrid`` can; the table says what
-actually happened.
+The design predicts that the frozen base and ``post_attention`` stay near chance beyond the
+window while ``pre_attention``, ``hybrid`` and both ``cache_replacement`` reads recall; the table
+says what actually happened. ``--reuse`` keeps the base and the variants already trained in
+``--out`` (their training times, measured when they were trained, stay in ``timings.json``).
 """
 
 from __future__ import annotations
@@ -34,19 +37,19 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.data.recall import PairsRecallSpec, write_pairs_recall_shards
 from moshi_ttt.eval.recall import late_loss, recall_report
 
 logger = logging.getLogger("moshi_ttt.memory_proof")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-# name -> Hydra overrides of the variant
+# name -> Hydra overrides of the variant ({w}: the base window, {b}: the TTT mini-batch)
 VARIANTS = {
     "post_attention": ["ttt=post_attention"],
     "pre_attention": ["ttt=pre_attention"],
-    "cache_replacement": ["ttt=cache_replacement"],
-    "cache_replacement_kv_slots": ["ttt=cache_replacement", "ttt.memory_read=kv_slots"],
-    "hybrid": ["ttt=hybrid"],
+    "hybrid": ["ttt=hybrid", "ttt.window={w}"],
+    # cache_replacement attends over (ceil(window / b) + 1) * b frames: window - b gives exactly {w}
+    "cache_replacement": ["ttt=cache_replacement", "ttt.window={wb}"],
+    "cache_replacement_kv_slots": ["ttt=cache_replacement", "ttt.memory_read=kv_slots", "ttt.window={wb}"],
 }
 
 
@@ -62,15 +65,34 @@ def _model_overrides(args) -> list[str]:
 
 def _stage(name: str, frames: int, steps: int, args) -> str:
     """A curriculum stage as a Hydra override value."""
-    return (f"{{name:{name},seconds:{frames / FRAME_RATE},steps:{steps},batch_size:{args.batch_size},"
+    return (f"{{name:{name},seconds:{frames / 12.5},steps:{steps},batch_size:{args.batch_size},"
             f"lr:{args.ttt_lr},warmup_steps:{min(20, steps // 4)},min_lr_ratio:1.0}}")  # constant after warmup
 
 
-def _score(model, shards: str, args, late_start: int | None) -> dict:
-    rep = recall_report(model, shards, max_samples=args.test_samples)
-    return {"recall": rep["text_accuracy"],
-            "late_loss": float("nan") if late_start is None else late_loss(
-                model, shards, start_frame=late_start, max_samples=args.test_samples)}
+def lookup_reach(pairs: int, gap: int) -> int:
+    """The longest attention distance a query needs to reach its stated value (query position of
+    the last asked value back to the position after the first stated value)."""
+    return 4 * pairs + gap - 3
+
+
+def delay_gap(multiple: float, window: int, pairs: int) -> int:
+    """The silent gap that puts the pairs, on average, ``multiple`` x the window before their queries."""
+    return max(0, round(multiple * window) - 2 * pairs)
+
+
+def _spec(gaps, pairs) -> PairsRecallSpec:
+    return PairsRecallSpec(gaps=tuple(gaps), pairs=tuple(pairs), key_in_audio=True)
+
+
+def _timings(out: Path) -> dict:
+    path = out / "timings.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_timing(out: Path, name: str, seconds: float) -> None:
+    timings = _timings(out)
+    timings[name] = seconds
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
 
 
 def run(args) -> dict:
@@ -81,131 +103,180 @@ def run(args) -> dict:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    pairs = (args.pairs,)
-    inside, beyond = args.inside_gap, args.gap
-    pretrain = PairsRecallSpec(gaps=tuple(range(0, 2 * inside + 1)), pairs=tuple(range(2, 2 * args.pairs - 1)))
-    variant_set = PairsRecallSpec(gaps=(inside, beyond, beyond, beyond), pairs=pairs)
-    tests = {"in": PairsRecallSpec(gaps=(inside,), pairs=pairs), "beyond": PairsRecallSpec(gaps=(beyond,), pairs=pairs)}
+    W, inside, n_max = args.window, args.inside_gap, max(args.pairs)
+    pretrain = _spec(range(0, W + 3 - 4 * n_max), range(2, n_max + 1))  # every lookup inside the window
+    beyond = [delay_gap(args.train_delay, W, n) for n in args.pairs]
+    variant_set = _spec([inside, inside, *beyond * 3], args.pairs)
+    tests = {(n, "in"): _spec([inside], [n]) for n in args.pairs}
+    tests.update({(n, f"{m:g}x"): _spec([delay_gap(m, W, n)], [n]) for n in args.pairs for m in args.delays})
     write_pairs_recall_shards(out / "pairs_pretrain", args.pretrain_samples, pretrain, seed=1)
     write_pairs_recall_shards(out / "pairs_train", args.train_samples, variant_set, seed=2)
-    for i, (name, spec) in enumerate(tests.items()):
-        write_pairs_recall_shards(out / f"pairs_test_{name}", args.test_samples, spec, seed=10 + i)
+    for i, ((n, name), spec) in enumerate(tests.items()):
+        write_pairs_recall_shards(out / f"pairs_test_{n}_{name}", args.test_samples, spec, seed=10 + i)
     common = [f"paths.output_root={out}", "logger=csv", "data=shards", "data.num_workers=0", "data.min_frames=1",
               "data.random_crop=false", "data.val_shards=null", "data.resampled=true", "ckpt_path=null",
-              "callbacks.model_checkpoint.every_n_train_steps=100000", "callbacks.progress.every_n_steps=250",
+              "callbacks.model_checkpoint.every_n_train_steps=100000", "callbacks.progress.every_n_steps=100",
               "loss.first_codebook_weight=1.0"]
 
-    # 1. the base: everything trains, short window, pairs inside the window (+ demo speech).
-    sources = [str(out / "pairs_pretrain")]
-    demo = Path(args.demo_data) / "shards" / "train"
-    if args.demo_speech:
-        if not demo.exists():
-            raise FileNotFoundError(f"--demo-speech: no demo shards at {demo} (run `make demo-data`)")
-        sources.append(str(demo))
+    # 1. the base: everything trains, short window, pairs inside the window.
     base_cfg = _compose([*_model_overrides(args), *common, "ttt=none", "curriculum=none", "run_name=base",
-                         "+model.train_base=true", f"data.train_shards=[{','.join(sources)}]",
+                         "+model.train_base=true", f"data.train_shards=[{out / 'pairs_pretrain'}]",
                          f"data.seq_len={pretrain.frames()}", f"data.batch_size={args.base_batch_size}",
                          f"trainer.max_steps={args.base_steps}", f"optim.lr={args.base_lr}",
-                         f"optim.warmup_steps={min(100, args.base_steps // 10)}", "optim.weight_decay=0.0"])
+                         f"optim.warmup_steps={min(50, args.base_steps // 10)}", "optim.weight_decay=0.0",
+                         "optim.min_lr_ratio=1.0"])  # constant after warmup
     base_ckpt = out / "runs" / "base" / "checkpoints" / "last.ckpt"
-    t = time.perf_counter()
     if not (args.reuse and base_ckpt.exists()):
+        t = time.perf_counter()
         train(base_cfg)
-    timings["base"] = time.perf_counter() - t
+        _save_timing(out, "base", time.perf_counter() - t)
     model_cfg = OmegaConf.to_container(base_cfg.model, resolve=True)
     base_model = build_model(model_cfg, {"variant": "none"})
     state = torch.load(base_ckpt, weights_only=False)["state_dict"]
     base_model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
     base_dir = save_base_checkpoint(base_model, model_cfg["lm_kwargs"], out / "base_checkpoint")
+    frozen = {**model_cfg, "source": "dir", "path": str(base_dir), "train_base": False}
 
     # 2. each variant's TTT on the frozen base: in-window conversations first, then everything.
-    models = {"frozen base": build_model({**model_cfg, "source": "dir", "path": str(base_dir), "train_base": False},
-                                         {"variant": "none"})}
-    short = tests["in"].frames()
+    longest = max(lookup_reach(n, spec.gaps[0]) for (n, _), spec in tests.items()) + 1
+    models = {"frozen base": build_model(frozen, {"variant": "none"}),
+              "oracle": build_model(frozen, {"variant": "none", "attention_window": longest})}
+    short = _spec([inside], args.pairs).frames()
     for variant in args.variants:
-        t = time.perf_counter()
         if not (args.reuse and (out / "export" / variant / "config.json").exists()):
+            t = time.perf_counter()
             warm = max(1, args.variant_steps // 10)
+            fill = {"w": W, "wb": W - args.mini_batch, "b": args.mini_batch}
             cfg = _compose([
-                *_model_overrides(args), *common, *VARIANTS[variant], "curriculum=demo", f"run_name={variant}",
-                "model.source=dir", f"model.path={base_dir}", f"data.train_shards={out / 'pairs_train'}",
-                "ttt.layers=null", f"ttt.default_num_layers={args.layers}", f"ttt.window={args.window}",
+                *_model_overrides(args), *common, *(o.format(**fill) for o in VARIANTS[variant]), "curriculum=demo",
+                f"run_name={variant}", "model.source=dir", f"model.path={base_dir}",
+                f"data.train_shards={out / 'pairs_train'}", "ttt.layers=null", f"ttt.default_num_layers={args.layers}",
                 f"ttt.layer.mini_batch_size={args.mini_batch}", f"ttt.layer.num_heads={args.ttt_heads}",
+                f"ttt.layer.base_lr={args.inner_lr}",
                 f"curriculum.stages=[{_stage('in_window', short, warm, args)},"
                 f"{_stage('full', variant_set.frames(), args.variant_steps - warm, args)}]",
-                f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0",
+                f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
             ])
             summary = train(cfg)
             export(Path(summary["checkpoint_dir"]) / "last.ckpt", out / "export" / variant)
+            _save_timing(out, variant, time.perf_counter() - t)
         models[variant] = load_exported(out / "export" / variant)
-        timings[variant] = time.perf_counter() - t
 
-    # 3. score: pairs inside and beyond the window; late loss = the query block of the beyond set.
-    late_start = 1 + 2 * args.pairs + beyond
-    chance = 1 / len(tests["beyond"].value_ids)
+    # 3. score every model on every set; late loss: the query block of each set.
     rows = []
+    chance = 1 / len(next(iter(tests.values())).value_ids)
     for name, model in models.items():
-        a = _score(model, str(out / "pairs_test_in"), args, None)
-        b = _score(model, str(out / "pairs_test_beyond"), args, late_start)
-        rows.append({"model": name, "recall_in_window": a["recall"], "recall_accuracy": b["recall"],
-                     "chance": chance, "late_loss": b["late_loss"]})
-        logger.info("scored %s: %s", name, rows[-1])
-    def distances(gap: int) -> list[int]:  # last stated value -> first query, first key -> last value
-        return [gap + 1, gap + 4 * args.pairs - 1]
-
-    result = {"window_frames": args.window, "pairs": args.pairs,
-              "in_window_distance": distances(inside), "beyond_distance": distances(beyond),
-              "late_start_frame": late_start, "seconds": time.perf_counter() - t0, "timings": timings,
-              "settings": vars(args), "rows": rows}
+        t = time.perf_counter()
+        for n in args.pairs:
+            row = {"model": name, "pairs": n, "chance": chance}
+            for (m, label), spec in tests.items():
+                if m != n:
+                    continue
+                shards = str(out / f"pairs_test_{n}_{label}")
+                row[f"recall_{label}"] = recall_report(model, shards, max_samples=args.test_samples)["text_accuracy"]
+                if label != "in":
+                    row[f"late_loss_{label}"] = late_loss(model, shards, start_frame=1 + 2 * n + spec.gaps[0],
+                                                          max_samples=args.test_samples)
+            rows.append(row)
+            logger.info("scored %s: %s", name, row)
+        _save_timing(out, f"score {name}", time.perf_counter() - t)
+    timings = _timings(out)
+    delays = {f"{m:g}x": round(m * W) for m in args.delays}
+    result = {"window_frames": W, "pairs": list(args.pairs), "delays": delays, "inside_gap": inside,
+              "in_window_reach": max(lookup_reach(n, inside) for n in args.pairs), "oracle_window": longest,
+              "train_delay": args.train_delay, "seconds_this_run": time.perf_counter() - t0,
+              "seconds_from_scratch": sum(timings.values()), "timings": timings, "settings": vars(args), "rows": rows}
     (out / "memory_proof.json").write_text(json.dumps(result, indent=2))
     (out / "memory_proof.md").write_text(format_table(result))
+    plot_recall_vs_delay(result, out / "recall_vs_delay.png")
     print(format_table(result), flush=True)
     return result
 
 
+def _labels(result: dict) -> list[str]:
+    return ["in", *result["delays"]]
+
+
 def format_table(result: dict) -> str:
-    (a0, a1), (b0, b1) = result["in_window_distance"], result["beyond_distance"]
-    lines = [f"memory proof: attention window {result['window_frames']} frames; {result['pairs']} key/value pairs "
-             f"queried {a0}-{a1} frames after they were stated (inside the window) or {b0}-{b1} frames after "
-             f"(beyond it); {result['seconds']:.0f} s on this machine", "",
-             "| model | recall inside the window | recall beyond the window | chance | loss of the late queries |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    W, labels = result["window_frames"], _labels(result)
+    late = list(result["delays"])
+    head = " | ".join(["recall inside the window", *(f"recall at {k} ({v} frames)" for k, v in result["delays"].items()),
+                       "chance", *(f"late-query loss {k}" for k in late)])
+    lines = [f"memory proof: attention window {W} frames; key/value pairs queried inside the window (at most "
+             f"{result['in_window_reach']} frames back) or on average {', '.join(map(str, result['delays'].values()))} "
+             f"frames after they were stated; variants trained at {result['train_delay']:g}x; oracle: the frozen base "
+             f"with a {result['oracle_window']}-frame window; {result['seconds_from_scratch']:.0f} s of training and "
+             "scoring from scratch on this machine", "",
+             f"| model | pairs | {head} |", "| --- | ---: |" + " ---: |" * (len(labels) + 1 + len(late))]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['recall_in_window']:.3f} | {r['recall_accuracy']:.3f} | "
-                     f"{r['chance']:.3f} | {r['late_loss']:.3f} |")
+        cells = [f"{r.get('recall_' + k, float('nan')):.3f}" for k in labels] + [f"{r['chance']:.3f}"]
+        cells += [f"{r.get('late_loss_' + k, float('nan')):.3f}" for k in late]
+        lines.append(f"| {r['model']} | {r['pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_recall_vs_delay(result: dict, path) -> None:
+    """Recall against the mean distance between statement and query, one line per model and pair
+    count, with the window and chance marked."""
+    from matplotlib.figure import Figure
+
+    W = result["window_frames"]
+    xs = {"in": result["in_window_reach"] / 2, **result["delays"]}
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    styles = {n: s for n, s in zip(result["pairs"], ["-", "--", ":", "-."])}
+    colors = {}
+    for r in result["rows"]:
+        color = colors.setdefault(r["model"], f"C{len(colors)}")
+        pts = [(xs[k], r[f"recall_{k}"]) for k in _labels(result) if f"recall_{k}" in r]
+        ax.plot(*zip(*pts), styles.get(r["pairs"], "-"), marker="o", color=color,
+                label=f"{r['model']} ({r['pairs']} pairs)")
+    ax.axvline(W, color="grey", lw=0.8)
+    ax.text(W, 1.02, " window", color="grey", fontsize=8)
+    ax.axhline(result["rows"][0]["chance"], color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("frames between a pair and its query")
+    ax.set_ylabel("recall (exact value)")
+    ax.set_ylim(-0.02, 1.08)
+    ax.legend(fontsize=6, ncol=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/memory_proof")
-    p.add_argument("--demo-data", default="data/generated/demo")
-    p.add_argument("--demo-speech", action="store_true", help="mix the demo speech shards into the base's pretraining")
     p.add_argument("--window", type=int, default=32, help="attention window of the base (frames)")
-    p.add_argument("--pairs", type=int, default=4, help="key/value pairs per conversation")
-    p.add_argument("--inside-gap", type=int, default=4, help="silent frames before the queries, inside the window")
-    p.add_argument("--gap", type=int, default=40, help="silent frames before the queries, beyond the window")
+    p.add_argument("--pairs", type=int, nargs="+", default=[4, 8], help="key/value pairs per conversation")
+    p.add_argument("--delays", type=float, nargs="+", default=[4, 8], help="query delays, in windows")
+    p.add_argument("--train-delay", type=float, default=4, help="the variants train at this delay (in windows)")
+    p.add_argument("--inside-gap", type=int, default=1, help="silent frames before the queries, inside the window")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--ttt-heads", type=int, default=4)
     p.add_argument("--mini-batch", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16, help="of the variants' training")
+    p.add_argument("--inner-lr", type=float, default=1.0, help="ttt.layer.base_lr of the memories")
+    p.add_argument("--batch-size", type=int, default=8, help="of the variants' training")
     p.add_argument("--base-batch-size", type=int, default=32)
     p.add_argument("--pretrain-samples", type=int, default=4096)
-    p.add_argument("--train-samples", type=int, default=2048)
-    p.add_argument("--test-samples", type=int, default=128)
-    p.add_argument("--base-steps", type=int, default=7000, help="the lookup emerges after ~5000 steps at dim 64")
-    p.add_argument("--base-lr", type=float, default=1e-3)
-    p.add_argument("--variant-steps", type=int, default=1400)
+    p.add_argument("--train-samples", type=int, default=1024)
+    p.add_argument("--test-samples", type=int, default=64)
+    p.add_argument("--base-steps", type=int, default=800, help="the lookup emerges after ~500 steps")
+    p.add_argument("--base-lr", type=float, default=3e-3)
+    p.add_argument("--variant-steps", type=int, default=300)
     p.add_argument("--ttt-lr", type=float, default=3e-3)
+    p.add_argument("--opening-lr-scale", type=float, default=10.0, help="optim.opening_lr_scale: gates etc.")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="none: only the base")
     p.add_argument("--reuse", action="store_true", help="keep the base and variants already trained in --out")
     args = p.parse_args(argv)
-    if 2 * args.inside_gap + 8 * args.pairs - 9 >= args.window:  # the pretraining's longest lookup
-        p.error(f"--inside-gap {args.inside_gap} with {args.pairs} pairs does not fit the --window {args.window}")
-    if args.gap < args.window:
-        p.error(f"--gap {args.gap} must be at least --window {args.window}: the point is recall beyond the window")
+    reach = max(lookup_reach(n, args.inside_gap) for n in args.pairs)
+    if reach >= args.window:
+        p.error(f"--inside-gap {args.inside_gap} with {max(args.pairs)} pairs needs a {reach + 1}-frame window: "
+                f"it does not fit the --window {args.window}")
+    if min(args.delays) < 1 or args.train_delay < 1:
+        p.error("--delays and --train-delay are in windows and must be >= 1: the point is recall beyond the window")
+    if args.mini_batch >= args.window:
+        p.error(f"--mini-batch {args.mini_batch} must be smaller than the --window {args.window}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     run(args)
     return 0

@@ -208,6 +208,11 @@ class PairsRecallSpec:
     gaps: tuple[int, ...]
     pairs: tuple[int, ...] = (4,)  # pair counts a sample draws from
     num_keys: int = 28  # keys and values come from disjoint ranges of word ids
+    # True: every value's frame also carries its key as the user's first audio codebook, so the
+    # lookup is one attention hop (match the key, copy the word of that same frame) instead of an
+    # induction over two frames; what is recalled is still only ever stated in the pairs block.
+    key_in_audio: bool = False
+    key_stream: int = 9  # the user's first codebook (delay 0, not predicted by Moshi)
     text_card: int = 64
     text_padding_id: int = TEXT_PADDING_ID
     end_padding_id: int = END_OF_TEXT_PADDING_ID
@@ -216,6 +221,8 @@ class PairsRecallSpec:
         low = max(self.text_padding_id, self.end_padding_id) + 1
         if not self.gaps or min(self.gaps) < 0 or not self.pairs or min(self.pairs) < 1:
             raise ValueError(f"invalid pairs layout {self}: need gaps >= 0 and pairs >= 1")
+        if self.key_in_audio and not 1 <= self.key_stream < NUM_STREAMS:
+            raise ValueError(f"key_stream={self.key_stream} must be an audio stream in [1, {NUM_STREAMS - 1}]")
         if low + self.num_keys >= self.text_card or max(self.pairs) > self.num_keys:
             raise ValueError(f"num_keys={self.num_keys} and text_card={self.text_card} leave no room for values "
                              f"(or pairs={max(self.pairs)} exceeds the keys)")
@@ -244,6 +251,9 @@ def pairs_recall_sample(rng: np.random.Generator, spec: PairsRecallSpec) -> tupl
     codes[0] = text
     first_query = 1 + 2 * n + gap
     value_frames = [first_query + 2 * i + 1 for i in range(n)]
+    if spec.key_in_audio:  # audio token ids are the key's word id (< text_card <= card)
+        codes[spec.key_stream, 2 : 2 + 2 * n : 2] = keys
+        codes[spec.key_stream, value_frames] = keys[order]
     meta = {
         "task": "recall",
         "level": "tokens",
@@ -256,6 +266,7 @@ def pairs_recall_sample(rng: np.random.Generator, spec: PairsRecallSpec) -> tupl
         "fact_span": [1, 1 + 2 * n],
         "recall_span": [first_query, first_query + 2 * n],
         "recall_frames": value_frames,
+        "key_in_audio": bool(spec.key_in_audio),
     }
     return codes.astype(np.int16), meta
 
