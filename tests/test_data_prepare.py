@@ -304,3 +304,16 @@ def test_a_conversation_the_codec_cannot_encode_costs_only_itself():
     out = _encode_batch(Flaky(), items, skips)
     assert [o is None for o in out] == [False, True, False]
     assert skips == [Skip("13.wav", "encode_error", "RuntimeError: CUDA out of memory")]
+
+
+def test_a_manifest_line_with_a_non_utf8_byte_costs_only_that_line(tmp_path):
+    from moshi_ttt.data.prepare import discover
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b'{"path": "a.wav", "duration": 3.0}\n'
+                         b'{"path": "b\xff.wav", "duration": 3.0}\n'
+                         b'{"path": "c.wav", "duration": 3.0}\n')
+    conversations, skips = discover([manifest])
+    assert sorted(Path(c.audio).name for c in conversations) == ["a.wav", "c.wav"]
+    assert [(s.path, s.reason) for s in skips] == [(f"{manifest}:2", "invalid_manifest_entry")]
+    assert "UnicodeDecodeError" in skips[0].detail

@@ -158,3 +158,70 @@ def test_packing_short_conversations_to_long_stages(tmp_path, minutes):
                                          positions={0: StreamPosition(items[0]["shard_seq"], items[0]["emitted"])}), 2)
     assert [r["key"] for r in resumed] == [it["key"] for it in items[1:]]
     assert all(torch.equal(r["codes"], it["codes"]) for r, it in zip(resumed, items[1:]))
+
+
+def _npy(a):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_token_ids_outside_the_vocabulary_are_skipped_and_named(tmp_path, caplog):
+    import webdataset as wds
+
+    d = tmp_path / "vocab"
+    d.mkdir()
+    text_high, audio_high, negative = (np.full((17, 30), 5, np.int16) for _ in range(3))
+    text_high[0, 7] = 64  # == text_card
+    audio_high[9, 3] = 70  # > card
+    negative[4, :5] = -5  # not the padding value
+    with wds.TarWriter(str(d / "s.tar")) as tw:
+        for key, codes in [("text_high", text_high), ("audio_high", audio_high), ("negative", negative),
+                           ("good", np.full((17, 30), 63, np.int16))]:
+            tw.write({"__key__": key, "codes.npy": _npy(codes), "meta.json": b"{}"})
+    with caplog.at_level("WARNING"):
+        items = _take(TokenSequenceDataset(str(d / "s.tar"), seq_len=30, card=64, text_card=64, shuffle_buffer=1,
+                                           resampled=True), 2)
+    assert sorted(it["key"] for it in items) == ["good", "negative"]
+    assert items[-1]["skipped"] == 2 and items[-1]["negative_ids"] == 1
+    neg = next(it for it in items if it["key"] == "negative")["codes"]
+    assert (neg[4, :5] == PAD_TOKEN).all() and (neg >= PAD_TOKEN).all()
+    for key, what in [("text_high", "text_card=64"), ("audio_high", "card=64")]:
+        line = next(r.getMessage() for r in caplog.records if repr(key) in r.getMessage())
+        assert str(d / "s.tar") in line and what in line
+    assert any("'negative'" in r.getMessage() and "padding" in r.getMessage() for r in caplog.records)
+
+
+def test_shard_checksums_and_unlisted_shards(tmp_path, caplog):
+    d = tmp_path / "sums"
+    with TokenShardWriter(d, max_samples_per_shard=4) as w:
+        for i in range(8):
+            w.write(f"s{i}", np.full((17, 30), i, dtype=np.int16), {})
+    names = [s.name for s in ShardIndex.load(d).shards]
+    (d / "stray.tar").write_bytes((d / names[0]).read_bytes())  # on disk, not in index.json
+    with caplog.at_level("WARNING"):
+        resolve_shards(d)
+    assert any("stray.tar" in r.getMessage() and "index.json" in r.getMessage() for r in caplog.records)
+    victim = d / names[1]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # tar padding: still a readable tar, but not the bytes that were indexed
+    victim.write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        items = _take(TokenSequenceDataset(d, seq_len=30, resampled=False, shuffle_buffer=1), 8)
+    keys = [it["key"] for it in items]
+    assert set(keys) == {"s0", "s1", "s2", "s3"} and items[-1]["skipped"] >= 1  # shard 1 never read
+    assert any(names[1] in r.getMessage() and "sha256" in r.getMessage() for r in caplog.records)
+    unchecked = _take(TokenSequenceDataset(d, seq_len=30, resampled=False, shuffle_buffer=1,
+                                           verify_checksums=False), 8)
+    assert {it["key"] for it in unchecked} == {f"s{i}" for i in range(8)}
+    # nothing readable at all: the error names the directory
+    only = tmp_path / "only"
+    with TokenShardWriter(only, max_samples_per_shard=4) as w:
+        w.write("x", np.zeros((17, 30), dtype=np.int16), {})
+    tar = only / ShardIndex.load(only).shards[0].name
+    tar.write_bytes(tar.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(RuntimeError, match=f"consecutive shards of {only}"):
+        _take(TokenSequenceDataset(only, seq_len=30, resampled=True), 1)

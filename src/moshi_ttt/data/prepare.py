@@ -115,18 +115,20 @@ def conversation_key(root: str, rel: str) -> str:
 
 def _from_manifest(manifest: Path, skips: list[Skip]) -> Iterable[Conversation]:
     base = manifest.parent
-    for lineno, line in enumerate(manifest.read_text().splitlines(), 1):
-        if not line.strip():
+    # Bytes, decoded per line: one line with a non-UTF-8 byte costs only that line.
+    for lineno, raw in enumerate(manifest.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         where = f"{manifest}:{lineno}"
         try:
+            line = raw.decode("utf-8")
             entry = json.loads(line)
             rel = entry["path"]
             duration = entry.get("duration")
             duration = None if duration is None else float(duration)
             if not isinstance(rel, str) or not rel:
                 raise TypeError("path is not a non-empty string")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exn:
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exn:
             skips.append(Skip(where, "invalid_manifest_entry", f"{type(exn).__name__}: {exn}"))
             continue
         audio = Path(rel) if os.path.isabs(rel) else base / rel

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import numpy as np
 import webdataset as wds
 
 from moshi_ttt.constants import FRAME_RATE
+
+logger = logging.getLogger(__name__)
 
 NUM_STREAMS = 17  # 1 text + 8 Moshi codebooks + 8 user codebooks
 INDEX_NAME = "index.json"
@@ -201,6 +204,11 @@ def resolve_shards(source: str | Path | Iterable[str]) -> list[str]:
         if os.path.exists(os.path.join(source, INDEX_NAME)):
             names = [s.name for s in ShardIndex.load(source).shards]
             paths = [os.path.join(source, n) for n in names]
+            unlisted = sorted(set(os.path.basename(p) for p in glob.glob(os.path.join(source, "*.tar"))) - set(names))
+            if unlisted:
+                logger.warning("%d shard(s) in %s are not listed in its %s and will not be read: %s%s",
+                               len(unlisted), source, INDEX_NAME, ", ".join(unlisted[:5]),
+                               " ..." if len(unlisted) > 5 else "")
         else:
             paths = sorted(glob.glob(os.path.join(source, "*.tar")))
         if not paths:
@@ -219,6 +227,20 @@ def resolve_shards(source: str | Path | Iterable[str]) -> list[str]:
     if missing:
         raise FileNotFoundError(f"shard(s) not found: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     return paths
+
+
+def index_checksums(source: str | Path | Iterable[str]) -> dict[str, str]:
+    """shard path -> sha256 recorded in the ``index.json`` of the directories ``source`` names
+    (empty for globs, lists of files and directories without an index)."""
+    if not isinstance(source, (str, Path)):
+        out: dict[str, str] = {}
+        for item in source:
+            out.update(index_checksums(item))
+        return out
+    source = str(source)
+    if not (os.path.isdir(source) and os.path.exists(os.path.join(source, INDEX_NAME))):
+        return {}
+    return {os.path.join(source, s.name): s.sha256 for s in ShardIndex.load(source).shards if s.sha256}
 
 
 def iter_shard_samples(url: str, on_error) -> Iterator[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,15 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from moshi_ttt.data.shards import NUM_STREAMS, decode_codes, iter_shard_samples, resolve_shards
+from moshi_ttt.data.shards import (
+    NUM_STREAMS,
+    ShardFormatError,
+    decode_codes,
+    index_checksums,
+    iter_shard_samples,
+    resolve_shards,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +56,26 @@ class _SkipCounter:
     def __init__(self, stream_id: int):
         self.stream_id = stream_id
         self.count = 0
+        self.negative_ids = 0  # samples whose negative ids (other than the padding value) became padding
 
     def __call__(self, exn: Exception) -> bool:
         self.count += 1
         logger.warning("stream %d: skipped unreadable data: %s", self.stream_id, exn)
         return True
+
+
+def check_token_range(codes: np.ndarray, card: int | None, text_card: int | None) -> int:
+    """Refuse ids the model has no embedding for; return how many other negative ids there are.
+
+    Row 0 is text (``[0, text_card)``), rows 1.. are audio (``[0, card)``); -1 is padding.
+    Out-of-vocabulary ids would otherwise stop the run deep inside moshi's embedding.
+    """
+    for rows, limit, what in ((codes[:1], text_card, "text_card"), (codes[1:], card, "card")):
+        if limit is not None and rows.size and int(rows.max()) >= limit:
+            bad = np.argwhere(rows >= limit)[0]
+            raise ShardFormatError(f"token id {int(rows.max())} >= {what}={limit} (stream {int(bad[0]) + (0 if what == 'text_card' else 1)}, "
+                                   f"frame {int(bad[1])})")
+    return int(((codes < 0) & (codes != PAD_TOKEN)).sum())
 
 
 class TokenSequenceDataset(IterableDataset):
@@ -78,6 +102,9 @@ class TokenSequenceDataset(IterableDataset):
         worker_rotation: int = 0,
         packing: bool = False,
         reset_at_boundaries: bool = True,
+        card: int | None = None,
+        text_card: int | None = None,
+        verify_checksums: bool = True,
     ):
         super().__init__()
         if seq_len <= 0:
@@ -85,6 +112,11 @@ class TokenSequenceDataset(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.urls = resolve_shards(shards)
+        self.source = str(shards) if isinstance(shards, (str, os.PathLike)) else os.path.commonpath(self.urls or ["."])
+        self.card, self.text_card = card, text_card
+        # sha256 recorded in index.json, checked the first time this process opens each shard
+        self.checksums = index_checksums(shards) if verify_checksums else {}
+        self._verified: dict[str, bool] = {}
         self.seq_len = int(seq_len)
         self.seed = int(seed)
         self.rank = rank
@@ -144,6 +176,8 @@ class TokenSequenceDataset(IterableDataset):
                        skips: _SkipCounter) -> Iterator[tuple[str, np.ndarray]]:
         rng = _rng((self.seed, "shuffle", stream, shard_seq))
         buffer: list[tuple[str, np.ndarray]] = []
+        if not self._checksum_ok(url, skips):
+            return
         for raw in iter_shard_samples(url, skips):
             try:
                 codes = decode_codes(raw["codes.npy"])
@@ -151,14 +185,34 @@ class TokenSequenceDataset(IterableDataset):
                     json.loads(raw["meta.json"])
                 if codes.shape[1] < self.min_frames:
                     raise ValueError(f"{codes.shape[1]} frames < data.min_frames={self.min_frames}")
+                negative = check_token_range(codes, self.card, self.text_card)
             except Exception as exn:  # noqa: BLE001 - any bad sample is skipped and counted
                 skips(ValueError(f"{url}: sample {raw.get('__key__')!r}: {exn}"))
                 continue
+            if negative:
+                skips.negative_ids += 1
+                logger.warning("stream %d: %s: sample %r has %d negative token id(s) other than the padding "
+                               "value %d: read as padding", stream, url, raw.get("__key__"), negative, PAD_TOKEN)
+                codes = np.where(codes < 0, PAD_TOKEN, codes).astype(codes.dtype)
             buffer.append((str(raw.get("__key__")), codes))
             if len(buffer) >= self.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
         while buffer:
             yield buffer.pop(rng.randrange(len(buffer)))
+
+    def _checksum_ok(self, url: str, skips: _SkipCounter) -> bool:
+        expected = self.checksums.get(url)
+        if expected is None:
+            return True
+        if url not in self._verified:
+            got = sha256_file(url)
+            self._verified[url] = got == expected
+            if got != expected:
+                skips(ShardFormatError(f"{url}: sha256 {got[:12]}... does not match {expected[:12]}... in index.json "
+                                       "(changed or damaged since it was written): shard skipped"))
+        elif not self._verified[url]:
+            skips.count += 1  # the same damaged shard drawn again: counted, warned once
+        return self._verified[url]
 
     def _conversations(self, stream: int, num_streams: int, skips: _SkipCounter):
         """(key, codes, shard_seq, emitted) in stream order, from the resume position on."""
@@ -175,7 +229,8 @@ class TokenSequenceDataset(IterableDataset):
             to_skip = 0
             empty_in_a_row = empty_in_a_row + 1 if emitted == 0 else 0
             if empty_in_a_row > 2 * len(self.urls) + 10:
-                raise RuntimeError(f"stream {stream}: no readable sample in {empty_in_a_row} consecutive shards")
+                raise RuntimeError(f"stream {stream}: no readable sample in {empty_in_a_row} consecutive shards of "
+                                   f"{self.source} (see the warnings above for why each was skipped)")
             shard_seq += 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -207,6 +262,7 @@ class TokenSequenceDataset(IterableDataset):
                 "shard_seq": shard_seq,
                 "emitted": emitted,
                 "skipped": skips.count,
+                "negative_ids": skips.negative_ids,
                 "reset_at_boundaries": self.reset_at_boundaries,
             }
 
