@@ -17,6 +17,7 @@ import torch
 
 from serve_model import make_trained_run
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # streamed frames are tiny: one thread is fastest
 SR = 24000
 FRAME = 1920  # 80 ms
 # Seconds streamed per conversation: 10 s is ~1 min of CPU on a loaded 2-core machine (3 connections).
