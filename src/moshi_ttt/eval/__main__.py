@@ -4,9 +4,10 @@
   generate  streaming generation with LMGen from a held-out prompt, collapse phases per window
   recall    recall accuracy on the long-range recall set, by delay (+ late-position loss)
 
-Models: ``--model NAME=EXPORT_DIR`` (``python -m moshi_ttt.export``), ``--model NAME=base:MODEL_YAML``
-(frozen base, no TTT) or ``--model NAME=run:RUN_DIR`` (a run's last checkpoint), repeated.
-Everything is written under ``--out`` (markdown + CSV/JSON + PNG) and the table is printed.
+Models: ``--model NAME=MODEL`` (an export directory from ``python -m moshi_ttt.export``, a hub repo
+id holding one, a run directory or a checkpoint), ``--model NAME=base:MODEL_YAML`` (frozen base, no
+TTT) or ``--model NAME=run:RUN_DIR``, repeated. Everything is written under ``--out`` (markdown +
+CSV/JSON + PNG; ``generate`` also a stereo WAV per model) and the table is printed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _frames(args, default: int) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="NAME=SPEC",
-                   help="NAME=EXPORT_DIR | NAME=base:MODEL_YAML | NAME=run:RUN_DIR (repeat for several)")
+                   help="NAME=MODEL (export dir, hub repo id, run dir, checkpoint) | NAME=base:MODEL_YAML "
+                   "(repeat for several)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--base-dir", default=None,
                    help="load every model's base Moshi from this local checkpoint directory (model.source=dir)")
@@ -107,6 +109,10 @@ def cmd_generate(args, models) -> None:
     pieces = _pieces(args.tokenizer)
     out = Path(args.out)
     rows = []
+    from moshi_ttt.eval.models import parse_model_specs
+
+    specs = {name: (kind, path) for name, kind, path in parse_model_specs(args.model)}
+    mimis: dict = {}
     for name, model in models:
         logger.info("%s: generating %d frames from %s (prompt %d frames)", name, frames, prompt.key, args.prompt_frames)
         tl = generate_and_track(
@@ -121,6 +127,7 @@ def cmd_generate(args, models) -> None:
         tl.write_json(stem.with_suffix(".json"))
         tl.write_csv(stem.with_suffix(".csv"))
         plot_timeline(tl.to_dict(), stem.with_suffix(".png"), title=f"{name}: generation from {prompt.key}")
+        _write_generation_wav(args, name, specs[name], tl, prompt.codes, stem.with_suffix(".wav"), mimis)
         rows.append((name, tl.summary()))
         del model
     fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
@@ -139,6 +146,28 @@ def cmd_generate(args, models) -> None:
     (out / "generation.md").write_text(md)
     (out / "generation_summary.json").write_text(json.dumps({n: s for n, s in rows}, indent=2))
     print(md, flush=True)
+
+
+def _write_generation_wav(args, name: str, spec: tuple[str, str], timeline, prompt_codes, path: Path,
+                          mimis: dict) -> None:
+    """The generated conversation as a stereo WAV (Moshi left, user right) with the model's Mimi."""
+    from moshi_ttt.data.codec import load_mimi
+    from moshi_ttt.eval.audio import conversation_audio, user_codes_of, write_wav
+    from moshi_ttt.eval.models import codec_of
+
+    source = args.mimi
+    if source is None:
+        codec = codec_of(*spec)
+        source = codec.mimi if codec is not None else None
+    if source is None:
+        logger.warning("%s: no WAV (cannot tell which Mimi the model was trained with; pass --mimi)", name)
+        return
+    if source not in mimis:
+        mimis.clear()  # one codec in memory at a time
+        mimis[source] = load_mimi(source, device="cpu")
+    stereo = conversation_audio(mimis[source], timeline.audio_tokens, user_codes_of(timeline, prompt_codes))
+    write_wav(path, stereo)
+    logger.info("%s: %.1f s of audio -> %s", name, stereo.shape[1] / 24000, path)
 
 
 def cmd_recall(args, models) -> None:
@@ -215,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threshold", action="append", metavar="KEY=VALUE", help="phase threshold override "
                      "(moshi_ttt.eval.phases.PhaseThresholds), e.g. salad_entropy=0.8")
     gen.add_argument("--log-every", type=int, default=750, help="progress log every N frames (0: never)")
+    gen.add_argument("--mimi", default=None, help="Mimi that decodes each generation into generation_NAME.wav "
+                     "(default: the one each model was trained with)")
 
     rec = sub.add_parser("recall", help="recall accuracy on the long-range recall set, by delay")
     _common(rec)

@@ -75,6 +75,19 @@ def load_model(kind: str, path: str, base_override: dict | None = None, device: 
     return build_lm(read_source(ModelRef(kind, path, path)), base_override, device)
 
 
+def codec_of(kind: str, path: str):
+    """The Mimi/tokenizer sources a parsed spec was trained with, or None when they cannot be told."""
+    from moshi_ttt.serving.codec import codec_sources
+    from moshi_ttt.serving.model import ModelRef, read_source
+
+    if kind == "base":
+        try:
+            return codec_sources({"model": _model_section(path)})
+        except ValueError:
+            return None
+    return read_source(ModelRef(kind, path, path)).codec
+
+
 def parse_model_specs(specs: list[str]) -> list[tuple[str, str, str]]:
     """Every ``NAME=SPEC`` checked (paths exist, names unique) before any model is built."""
     parsed = [parse_model_spec(s) for s in specs]
