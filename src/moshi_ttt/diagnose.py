@@ -20,7 +20,8 @@ Example (after ``make demo``)::
     python -m moshi_ttt.diagnose --model base=base:conf/model/tiny.yaml --synthetic --frames 3750 \\
         --out outputs/diagnostics/tiny_base --wandb
 
-Models: ``--model NAME=EXPORT_DIR | NAME=base:MODEL_YAML | NAME=run:RUN_DIR`` (repeat for several,
+Models: ``--model NAME=MODEL | NAME=base:MODEL_YAML`` with MODEL an export directory, a hub repo id,
+a run directory or a checkpoint, as ``serve`` and ``infer`` take it (repeat for several,
 built one at a time). Output: ``--out`` (default ``outputs/diagnostics/NAME``; with several models
 ``OUT/NAME``) holds ``report.json``, ``report.md`` and ``<check>.png``. Exit status: 0 (even when
 findings warn or fail: read the report), 2 on bad input.
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moshi_ttt.diagnose", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--model", action="append", required=True, metavar="NAME=SPEC",
-                   help="NAME=EXPORT_DIR | NAME=base:MODEL_YAML | NAME=run:RUN_DIR (repeat for several)")
+                   help="NAME=MODEL (export dir, hub repo id, run dir, checkpoint) | NAME=base:MODEL_YAML "
+                   "(repeat for several)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--shards", nargs="+", help="token shards to stream (dir, glob or files)")
     src.add_argument("--synthetic", action="store_true", help="stream structured random tokens instead")
