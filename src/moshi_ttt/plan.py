@@ -430,7 +430,8 @@ def stages_from_config(cfg) -> list[StageSpec]:
 
     curriculum = Curriculum.from_config(_plain(OmegaConf.select(cfg, "curriculum")))
     if curriculum:
-        return [StageSpec(i, s.name, s.frames, s.batch_size, s.accumulate, s.steps, s.window, s.ttt_mini_batch_size)
+        return [StageSpec(i, s.name, s.frames, s.batch_size, s.accumulate, s.steps, s.attention_window,
+                          s.ttt_mini_batch_size)
                 for i, s in enumerate(curriculum.stages)]
     return [StageSpec(0, "default", int(cfg.data.seq_len), int(cfg.data.batch_size),
                       int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches") or 1),

@@ -16,29 +16,10 @@ from pathlib import Path
 import lightning as L
 from torch import nn
 
-from moshi_ttt.data.shards import seconds_to_frames
+from moshi_ttt.config.schema import Stage
+from moshi_ttt.config.stages import parse_stages
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Stage:
-    name: str
-    seconds: float
-    steps: int
-    batch_size: int = 1
-    accumulate: int = 1
-    lr: float | None = None  # peak LR of the stage; None = optim.lr
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    ttt_mini_batch_size: int | None = None  # None = the variant's own setting
-    window: int | None = None  # local attention window; None = the model's setting
-    packing: bool = False  # pack consecutive conversations shorter than the stage
-    reset_at_boundaries: bool = True  # with packing: reset TTT state where a conversation starts
-
-    @property
-    def frames(self) -> int:
-        return seconds_to_frames(self.seconds)
 
 
 @dataclass
@@ -48,28 +29,7 @@ class Curriculum:
     @classmethod
     def from_config(cls, cfg) -> Curriculum:
         """Validated stages; errors name the offending key (``curriculum.stages.1.steps``)."""
-        stages = []
-        for i, raw in enumerate(cfg.get("stages") or []):
-            raw = dict(raw)
-            for key in ("name", "seconds", "steps"):
-                if raw.get(key) is None:
-                    raise ValueError(f"curriculum.stages.{i}.{key} is required")
-            unknown = set(raw) - set(Stage.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"curriculum.stages.{i}: unknown key(s) {sorted(unknown)}")
-            stage = Stage(**raw)
-            for key in ("seconds", "steps", "batch_size", "accumulate"):
-                value = getattr(stage, key)
-                if not value > 0:
-                    raise ValueError(f"curriculum.stages.{i}.{key} must be positive, got {value}")
-            for key in ("ttt_mini_batch_size", "window"):
-                value = getattr(stage, key)
-                if value is not None and value <= 0:
-                    raise ValueError(f"curriculum.stages.{i}.{key} must be positive, got {value}")
-            if stage.warmup_steps < 0 or stage.warmup_steps > stage.steps:
-                raise ValueError(f"curriculum.stages.{i}.warmup_steps must be in [0, steps={stage.steps}]")
-            stages.append(stage)
-        return cls(stages)
+        return cls(parse_stages(cfg.get("stages")))
 
     def __bool__(self) -> bool:
         return bool(self.stages)
@@ -102,7 +62,7 @@ def apply_stage_to_model(model: nn.Module, stage: Stage) -> int:
     for module in model.modules():
         configure = getattr(module, "configure_for_stage", None)
         if callable(configure):
-            configure(ttt_mini_batch_size=stage.ttt_mini_batch_size, window=stage.window)
+            configure(ttt_mini_batch_size=stage.ttt_mini_batch_size, window=stage.attention_window)
             touched += 1
     return touched
 

@@ -9,13 +9,7 @@ import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMOutput
 
-
-@dataclass
-class LossConfig:
-    text_padding_weight: float = 0.5
-    first_codebook_weight: float = 100.0
-    text_weight: float = 1.0
-    audio_weight: float = 1.0
+from moshi_ttt.config.schema import LossConfig  # the schema is the one definition
 
 
 @dataclass

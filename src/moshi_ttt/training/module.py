@@ -6,12 +6,12 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 from torch import nn
 
+from moshi_ttt.config.schema import OptimConfig  # the schema is the one definition
 from moshi_ttt.models import count_parameters
 from moshi_ttt.models.segments import bind_segments, release_segments, segment_context
 from moshi_ttt.training.loss import LossConfig, moshi_loss
@@ -41,23 +41,6 @@ def flops_per_frame(counts: dict[str, int]) -> float:
     gradients through every weight plus 2N_trainable for weight gradients (attention scores
     and embeddings ignored: an estimate that errs low)."""
     return 4.0 * counts["total"] + 2.0 * counts["trainable"]
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    min_lr_ratio: float = 0.1
-    # Learning-rate multipliers by parameter-name substring (first match wins), e.g. gates.
-    group_lr_scale: dict[str, float] = field(default_factory=dict)
-    # What opens a memory's path (gates, read projections, inner-lr projections: each TTT module's
-    # ``opening_parameters()``) trains at this multiple of the LR, without weight decay: from zero
-    # or a small gate they must move far before the memory changes the output (ttt-video-dit: 10x).
-    opening_lr_scale: float = 10.0
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from moshi_ttt.models.build import build_model, source_config
-from moshi_ttt.models.loading import locate_checkpoint
+from moshi_ttt.config.validate import validate_config
+from moshi_ttt.models.build import build_model
 from moshi_ttt.training.callbacks import RunConfigCallback
 from moshi_ttt.training.checkpointing import AtomicCheckpointIO
 from moshi_ttt.training.cpu_runtime import tune_cpu_runtime
@@ -25,42 +24,6 @@ from moshi_ttt.training.loss import LossConfig
 from moshi_ttt.training.module import MoshiTTTModule, OptimConfig
 
 logger = logging.getLogger("moshi_ttt")
-
-_RUN_NAME = re.compile(r"^[A-Za-z0-9._=-]{1,128}$")
-
-
-def _require_positive_int(cfg: DictConfig, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}")
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Catch bad settings before any model is built or any step runs."""
-    if not _RUN_NAME.match(str(cfg.run_name)):
-        raise ValueError(f"run_name={cfg.run_name!r}: use letters, digits, '.', '_', '-', '=' (it becomes a path "
-                         "and the W&B run id)")
-    for key in ("data.seq_len", "data.batch_size", "trainer.max_steps"):
-        _require_positive_int(cfg, key)
-    if OmegaConf.select(cfg, "data.train_shards") is None:
-        raise ValueError("data.train_shards is not set")
-    strategy = OmegaConf.select(cfg, "trainer.strategy._target_") or ""
-    if "DeepSpeed" in strategy and any(int(s.get("accumulate", 1)) > 1
-                                       for s in (OmegaConf.select(cfg, "curriculum.stages") or [])):
-        raise ValueError("curriculum.stages.*.accumulate > 1 is not supported with DeepSpeed (its engine fixes "
-                         "gradient accumulation at start-up): use accumulate: 1 and more GPUs or a larger batch_size")
-    variant = OmegaConf.select(cfg, "ttt.variant") or "none"
-    built_b = OmegaConf.select(cfg, "ttt.layer.mini_batch_size")
-    for i, stage in enumerate(OmegaConf.select(cfg, "curriculum.stages") or []):
-        b = stage.get("ttt_mini_batch_size")
-        if b is not None and variant != "none" and b != built_b:
-            raise ValueError(f"curriculum.stages.{i}.ttt_mini_batch_size={b} differs from ttt.layer.mini_batch_size="
-                             f"{built_b}: the TTT layers are built with one mini-batch size (their per-position "
-                             "learning rates and cache_replacement's window are sized by it); set the same value "
-                             "or leave the stage's null")
-    if cfg.model.source != "hf":  # hub look-ups happen at load time, with the repo named in the error
-        locate_checkpoint(source_config(cfg.model))
-
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | os.PathLike) -> str | None:
     if ckpt_path in (None, "", "none", "null"):
