@@ -1,0 +1,997 @@
+"""Every GPU path of moshi-ttt on one CUDA GPU, in under 8 minutes, as one table.
+
+Why: the CPU test suite cannot see bf16 training, FlexAttention, NCCL/DeepSpeed on CUDA, the
+planner's memory figures or streaming speed; a user's first cluster job is where those break.
+This runs each of them once at the product's real shapes and prints what it measured:
+
+1. ``7B train step``: a Moshi-7B-shaped model (moshi's own 7B config, random weights, nothing
+   downloaded) built on the meta device and materialised in bf16 on the GPU, each TTT variant
+   inserted at its default layers (``install_ttt``), one optimizer step (forward + backward +
+   AdamW, bf16 autocast, activation checkpointing) at 188, 3 750 and 22 500 frames: peak
+   ``torch.cuda.max_memory_allocated`` and step time beside ``moshi_ttt.plan``'s estimate for the
+   same shape (planner total minus its fixed CUDA/NCCL overhead; step time at the planner's MFU).
+2. ``flex vs sdpa``: compiled FlexAttention against the chunked SDPA path of
+   ``moshi_ttt.models.attention.local_attention``: equal on small cases (with and without prefix
+   slots), then forward + backward speed at Moshi's shape (32 heads x 128, window 3000).
+3. ``TTT layer``: ``moshi_ttt.ttt.TTTLayer`` at Moshi's width (32 heads x 128) in bf16 autocast:
+   tokens/s and achieved TFLOP/s (matmul FLOPs counted by torch's FlopCounterMode, scan
+   recompute included) as a share of the GPU's bf16 peak (``training.module.peak_flops``).
+4. ``Lightning``: ``train.py experiment=smoke`` with trainer=gpu, ddp, deepspeed_zero2 and
+   deepspeed_zero3 (NCCL, one GPU): it trains (finite losses, non-zero gradient norms), and a
+   run stopped half-way and resumed logs the same per-step losses as an uninterrupted run.
+5. ``LMGen stream``: moshi's LMGen on the 7B shape with each variant (CUDA graphs off, as TTT
+   streaming needs; frozen Moshi with graphs too): frames/s against real time (12.5).
+
+Each part runs in its own process with a time budget; a case that fails, runs out of memory or
+crashes the process is reported as FAIL/OOM and the rest still runs. ``--dry-run`` runs the same
+code on the CPU at tiny sizes (tests/test_gpu_check.py runs it in CI). Without CUDA and without
+``--dry-run`` it exits 2. Exit 1 when a case FAILs, OOMs or times out; WARN (planner off by more
+than 15 %, streaming below real time) does not fail it. The table is also written as
+``gpu_check.json`` and ``gpu_check.md`` under ``--out``.
+
+    python bench/gpu_check.py                  # on a CUDA machine (make gpu-check)
+    python bench/gpu_check.py --dry-run --out /tmp/gc
+    python bench/gpu_check.py --parts 1 5 --variants pre_attention --overrides ttt.layer.num_heads=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:  # this checkout's package, whatever the venv points to
+    sys.path.insert(0, str(REPO / "src"))
+os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi's own torch.compile; FlexAttention is compiled explicitly
+
+import torch  # noqa: E402
+
+PART_NAMES = {1: "7B train step", 2: "flex vs sdpa", 3: "TTT layer", 4: "Lightning", 5: "LMGen stream"}
+REAL_TIME_FPS = 12.5
+PLANNER_TOLERANCE = 0.15  # the planner is "off" beyond +-15 %
+STATUSES = ("PASS", "WARN", "FAIL", "OOM", "TIMEOUT", "SKIP")
+FAILING = {"FAIL", "OOM", "TIMEOUT"}
+
+# Hydra overrides of each variant (parts 1 and 5), on top of --overrides.
+VARIANTS: dict[str, list[str]] = {
+    "none": ["ttt=none"],
+    "pre_attention": ["ttt=pre_attention"],
+    "post_attention": ["ttt=post_attention"],
+    "hybrid": ["ttt=hybrid"],
+    "cache_replacement": ["ttt=cache_replacement"],
+    "cache_replacement+kv_slots": ["ttt=cache_replacement", "ttt.memory_read=kv_slots"],
+}
+GRAPHED = "none+cuda_graphs"  # part 5 only: the frozen model as moshi serves it
+
+# Part 4: the trainer config on a GPU machine, and its CPU stand-in for --dry-run.
+TRAINERS: dict[str, tuple[list[str], list[str]]] = {
+    "gpu": (["trainer=gpu"], ["trainer=cpu"]),
+    "ddp": (["trainer=ddp", "trainer.devices=1"], ["trainer=ddp_sim"]),
+    "deepspeed_zero2": (["trainer=deepspeed_zero2", "trainer.devices=1"], ["trainer=deepspeed_cpu_sim"]),
+    "deepspeed_zero3": (["trainer=deepspeed_zero3", "trainer.devices=1"],
+                        ["trainer=deepspeed_cpu_sim", "trainer.strategy.config.zero_optimization.stage=3"]),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# settings and rows
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """Sizes of every part: the product's shapes on a GPU, tiny ones for --dry-run."""
+
+    dry_run: bool
+    device: str
+    model_overrides: list[str]
+    lengths: list[int]  # part 1 frames
+    variants: list[str]
+    attn_equal: dict  # part 2 equality case: B, H, T, D, window
+    attn_speed: dict  # part 2 speed: H, D, window, lengths
+    ttt_heads: int
+    ttt_head_dim: int
+    ttt_lengths: list[int]
+    ttt_inners: list[str]
+    trainers: list[str]
+    train_steps: int
+    cut_step: int
+    resume_tol: float  # |loss difference| allowed, relative to the loss
+    concurrent_launches: int
+    stream_warmup: int
+    stream_frames: int
+    budgets: dict[int, float] = field(default_factory=dict)
+    peak_flops: float | None = None  # dense bf16 FLOP/s of the GPU (training.module.peak_flops)
+    gpu_memory_gib: float | None = None
+
+
+GPU_BUDGETS = {1: 130.0, 2: 100.0, 3: 40.0, 4: 110.0, 5: 70.0}  # seconds; 450 in all
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    """The sizes for this mode; the GPU's peak and memory are read here, once, so that workers
+    need not import Lightning for them."""
+    if args.peak_tflops is not None:
+        peak = args.peak_tflops * 1e12
+    else:
+        from moshi_ttt.training.module import peak_flops
+
+        peak = peak_flops()
+    memory = None if args.dry_run else _gib(torch.cuda.get_device_properties(0).total_memory)
+    variants = args.variants or list(VARIANTS)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"gpu_check: --variants {unknown} unknown; choose from {list(VARIANTS)}")
+    trainers = args.trainers or list(TRAINERS)
+    unknown = sorted(set(trainers) - set(TRAINERS))
+    if unknown:
+        raise SystemExit(f"gpu_check: --trainers {unknown} unknown; choose from {list(TRAINERS)}")
+    if args.dry_run:
+        budgets = {p: 600.0 * args.budget_scale for p in PART_NAMES}
+        return Settings(
+            dry_run=True, device="cpu", model_overrides=["model=tiny", "model.gradient_checkpointing=true",
+                                                         *args.overrides],
+            lengths=[32, 64, 96], variants=variants,
+            attn_equal=dict(B=1, H=2, T=96, D=16, window=32), attn_speed=dict(H=2, D=16, window=32, lengths=[96]),
+            ttt_heads=2, ttt_head_dim=16, ttt_lengths=[64], ttt_inners=["linear", "mlp"],
+            trainers=trainers, train_steps=4, cut_step=2, resume_tol=1e-6 if args.resume_tol is None else args.resume_tol,
+            concurrent_launches=2, stream_warmup=16, stream_frames=16, budgets=budgets, peak_flops=peak,
+        )  # fmt: skip
+    budgets = {p: b * args.budget_scale for p, b in GPU_BUDGETS.items()}
+    return Settings(
+        dry_run=False, device="cuda", model_overrides=["model=moshiko_7b", *args.overrides],
+        lengths=[188, 3750, 22500], variants=variants,
+        attn_equal=dict(B=1, H=4, T=1000, D=64, window=256),
+        attn_speed=dict(H=32, D=128, window=3000, lengths=[3750, 22500]),
+        ttt_heads=32, ttt_head_dim=128, ttt_lengths=[3750, 22500], ttt_inners=["linear", "mlp"],
+        # bf16 autocast on CUDA: backward kernels with atomics (flash attention) are not bitwise
+        # reproducible, so a resumed run may differ from a straight one by rounding.
+        trainers=trainers, train_steps=8, cut_step=4, resume_tol=2e-3 if args.resume_tol is None else args.resume_tol,
+        concurrent_launches=8, stream_warmup=16, stream_frames=64, budgets=budgets, peak_flops=peak,
+        gpu_memory_gib=memory,
+    )  # fmt: skip
+
+
+@dataclass
+class Row:
+    part: int
+    case: str
+    status: str
+    measured: str = ""
+    reference: str = ""
+    ratio: str = ""
+    note: str = ""
+    data: dict = field(default_factory=dict)
+
+
+class Events:
+    """A worker's JSON-lines log: which case started, its rows, which case finished. Written and
+    flushed line by line, so the parent still reads what a crashed or killed worker did."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, **event) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def row(self, row: Row) -> None:
+        print(f"  [{PART_NAMES[row.part]}] {row.case}: {row.status} {row.measured} {row.note}".rstrip(),
+              file=sys.stderr, flush=True)
+        self.write(event="row", row=asdict(row))
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+        return out
+
+
+def _gib(n: float) -> float:
+    return n / 2**30
+
+
+def _error(exn: BaseException) -> str:
+    text = f"{type(exn).__name__}: {exn}".replace("\n", " ")
+    return text[:300]
+
+
+def _is_oom(exn: BaseException) -> bool:
+    return isinstance(exn, torch.OutOfMemoryError) or "out of memory" in str(exn).lower()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float | None:
+    return _gib(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None
+
+
+def _fmt_gib(value: float | None) -> str:
+    if value is None:
+        return "n/a (CPU)"
+    return f"{value:.2f} GiB" if value >= 0.1 else f"{value * 1024:.2f} MiB"
+
+
+def within(ratio: float, tol: float = PLANNER_TOLERANCE) -> bool:
+    return abs(ratio - 1.0) <= tol
+
+
+# ---------------------------------------------------------------------------------------------
+# the model of parts 1 and 5: meta device -> materialised -> the project's adapters
+# ---------------------------------------------------------------------------------------------
+def compose(overrides: list[str]):
+    from moshi_ttt.plan import compose_config
+
+    return compose_config(overrides)
+
+
+def plain(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def materialise_base(lm_kwargs: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """Moshi's LMModel built on the meta device (no memory, no init), then allocated on
+    ``device`` and initialised there: every parameter by its module's initialiser, then moshi's
+    own ``_init_weights`` on top. Frozen and in eval mode, as ``load_base_moshi`` leaves it."""
+    from moshi.models.lm import LMModel
+    from moshi.modules.transformer import RMSNorm
+
+    from moshi_ttt.models.loading import freeze
+    from moshi_ttt.plan import _skip_init
+
+    with torch.device("meta"), _skip_init():
+        model = LMModel(**{**lm_kwargs, "device": "meta", "dtype": dtype})
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            own = [n for n, _ in module.named_parameters(recurse=False)]
+            if not own:
+                continue
+            if isinstance(module, RMSNorm):
+                module.alpha.fill_(1.0)  # its constructor's value
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            else:
+                raise RuntimeError(f"materialise_base: no initialiser for {name} ({type(module).__name__}: {own})")
+        model._init_weights()
+    buffers = [n for n, _ in model.named_buffers()]
+    if buffers:  # to_empty leaves buffers uninitialised; moshi's LMModel has none today
+        raise RuntimeError(f"materialise_base: buffers {buffers[:3]} would be left uninitialised")
+    freeze(model)
+    return model
+
+
+def build_variant(cfg, device: str):
+    """The configured model with random base weights: what ``build_model`` assembles after
+    ``load_base_moshi`` (LoRA, linear-cost attention + the TTT variant, checkpointing flags)."""
+    from moshi_ttt.models.insert import install_ttt
+    from moshi_ttt.models.loading import DTYPES
+    from moshi_ttt.models.lora import apply_lora
+    from moshi_ttt.plan import lm_kwargs_for
+
+    model_cfg, ttt_cfg = plain(cfg.model), plain(cfg.ttt)
+    dtype = DTYPES[str(model_cfg.get("dtype", "float32"))]
+    model = materialise_base(lm_kwargs_for(model_cfg), device, dtype, int(model_cfg.get("seed", 0)))
+    lora = model_cfg.get("lora") or {}
+    apply_lora(model, int(lora.get("rank", 0)), float(lora.get("scaling", 2.0)), str(lora.get("modules", "transformer")))
+    install_ttt(model, ttt_cfg)
+    if model_cfg.get("gradient_checkpointing"):
+        model.transformer.checkpointing = True
+        if model.depformer is not None:
+            model.depformer.checkpointing = True
+    return model
+
+
+def random_codes(model, frames: int, device: str, seed: int = 0) -> torch.Tensor:
+    """[1, 17, T] codes in range: text < text_card, audio < card."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, model.text_card, (1, 1, frames), generator=g)
+    audio = torch.randint(0, model.card, (1, model.num_codebooks - 1, frames), generator=g)
+    return torch.cat([text, audio], 1).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# part 1: one training step of the 7B shape against the planner
+# ---------------------------------------------------------------------------------------------
+def autocast_dtype(trainer_cfg: dict) -> torch.dtype | None:
+    """The autocast Lightning's precision plugin would use for ``trainer.precision``."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def train_step(model, optimizer, codes: torch.Tensor, amp: torch.dtype | None) -> float:
+    """What one Lightning optimizer step does: forward + Moshi's loss under autocast, backward,
+    AdamW, gradients set to None."""
+    from moshi_ttt.training.loss import LossConfig, moshi_loss
+
+    with torch.autocast(codes.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = model(codes)
+        pads = (model.text_padding_token_id, model.end_of_text_padding_id)
+        loss = moshi_loss(out, codes, LossConfig(), pads, model.audio_offset).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def planner_estimates(cfg, frames: list[int], s: Settings) -> dict[int, dict]:
+    """``moshi_ttt.plan`` for this config on one GPU of this kind, batch 1, each length (its step
+    time only when the GPU's peak FLOP/s is known)."""
+    from dataclasses import replace
+
+    from moshi_ttt import plan as P
+
+    inputs = P.prepare(cfg)
+    flops = s.peak_flops
+    hw = P.Hardware(gpus=1, gpu_memory_gib=s.gpu_memory_gib or 1e6, gpu_flops=flops or 989e12)
+    out = {}
+    for T in frames:
+        stage = replace(inputs.stages[0], frames=T, batch_size=1, accumulate=1, window=None)
+        plan = inputs.run(hw, stages=[stage])[0]
+        out[T] = {"memory_gib": plan.total - plan.overhead, "step_s": plan.step_time_s if flops else None,
+                  "mfu": hw.mfu, "executed_flops": plan.executed_flops_per_frame * T}
+    return out
+
+
+def part_train_step(s: Settings, cases: list[dict], events: Events) -> None:
+    for case in cases:
+        variant = case["id"]
+        events.write(event="start", case=variant)
+        trainer = ["trainer=cpu"] if s.dry_run else ["trainer=gpu"]
+        model = optimizer = None
+        try:
+            cfg = compose([*s.model_overrides, *VARIANTS[variant], *trainer, "curriculum=none", "data.batch_size=1"])
+            plans = planner_estimates(cfg, s.lengths, s)
+            amp = autocast_dtype(plain(cfg.trainer))
+            t0 = time.perf_counter()
+            model = build_variant(cfg, s.device).train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95))
+            build_s = time.perf_counter() - t0
+        except Exception as exn:  # noqa: BLE001 - reported, the next variant still runs
+            status = "OOM" if _is_oom(exn) else "FAIL"
+            events.row(Row(1, f"{variant} (build)", status, note=_error(exn)))
+            del model, optimizer
+            _free_memory()
+            events.write(event="done", case=variant)
+            continue
+        failed_at = None
+        for T in s.lengths:
+            label = f"{variant} T={T}"
+            plan = plans[T]
+            ref = f"plan {_fmt_gib(plan['memory_gib'])}" + (f", {plan['step_s']:.3g} s" if plan["step_s"] else "")
+            if failed_at is not None:
+                events.row(Row(1, label, "SKIP", reference=ref, note=f"not run: T={failed_at} already failed"))
+                continue
+            codes = random_codes(model, T, s.device)
+            try:
+                times, losses = [], []
+                for _ in range(2):  # the first step at a length also pays the allocator's growth
+                    _sync(s.device)
+                    _reset_peak(s.device)
+                    resident = _gib(torch.cuda.memory_allocated()) if s.device.startswith("cuda") else None
+                    t0 = time.perf_counter()
+                    losses.append(train_step(model, optimizer, codes, amp))
+                    _sync(s.device)
+                    times.append(time.perf_counter() - t0)
+                peak = _peak_gib(s.device)
+            except Exception as exn:  # noqa: BLE001
+                failed_at = T
+                optimizer.zero_grad(set_to_none=True)
+                _free_memory()
+                status = "OOM" if _is_oom(exn) else "FAIL"
+                events.row(Row(1, label, status, reference=ref, note=_error(exn)))
+                continue
+            step_s = times[-1]
+            data = {"frames": T, "peak_gib": peak, "resident_gib": resident, "step_s": step_s,
+                    "build_s": build_s, "loss": losses[-1], "plan": plan}
+            ratios, notes, status = [], [], "PASS"
+            if not all(math.isfinite(v) for v in losses):
+                status, notes = "FAIL", [f"non-finite loss {losses}"]
+            if peak is not None:
+                mem_ratio = peak / plan["memory_gib"]
+                data["memory_ratio"] = mem_ratio
+                ratios.append(f"mem {mem_ratio:.2f}x")
+                if not within(mem_ratio) and status == "PASS":
+                    status = "WARN"
+                    notes.append(f"planner memory off by {100 * (mem_ratio - 1):+.0f} %")
+            if plan["step_s"]:
+                time_ratio = step_s / plan["step_s"]
+                data["time_ratio"] = time_ratio
+                implied = plan["mfu"] * plan["step_s"] / step_s  # the MFU at which the planner's time is right
+                data["implied_mfu"] = implied
+                ratios.append(f"time {time_ratio:.2f}x")
+                notes.append(f"MFU {implied:.2g} (plan {plan['mfu']:.2g})")
+                if not within(time_ratio) and status == "PASS" and not s.dry_run:
+                    status = "WARN"
+            measured = f"peak {_fmt_gib(peak)}, {step_s:.3g} s"
+            events.row(Row(1, label, status, measured, ref, ", ".join(ratios), "; ".join(notes), data))
+        del model, optimizer
+        _free_memory()
+        events.write(event="done", case=variant)
+
+
+# ---------------------------------------------------------------------------------------------
+# part 2: FlexAttention against chunked SDPA
+# ---------------------------------------------------------------------------------------------
+def attend(q, k, v, window: int, backend: str, compiled: bool, prefix=None, chunk: int | None = None):
+    """``local_attention`` with ``backend``. FlexAttention runs compiled on CUDA only (as in
+    training: ``flex_available``); the dry run calls the same FlexAttention kernel and block mask
+    eagerly on the CPU."""
+    from moshi_ttt.models import attention as A
+
+    prefix_k, prefix_v = prefix if prefix is not None else (None, None)
+    if backend != "flex" or compiled:
+        if backend == "flex" and not A.flex_available(q.device):
+            raise RuntimeError("FlexAttention unavailable here (moshi_ttt.models.attention.flex_available: needs "
+                               "CUDA, torch.nn.attention.flex_attention and NO_TORCH_COMPILE unset)")
+        return A.local_attention(q, k, v, window, chunk_size=chunk, prefix_k=prefix_k, prefix_v=prefix_v,
+                                 backend=backend)
+    T = q.shape[2]
+    effective = min(window, T)
+    plan = A._Plan(length=T, window=effective, chunk=chunk or A.default_chunk_size(effective),
+                   scale=q.shape[-1] ** -0.5, kernel="sdpa")
+    pk, pv, pm = A._canonical_prefix(prefix_k, prefix_v, None, q, plan.num_blocks, chunk is not None)
+    return A._flex_local_attention(q, k, v, plan, pk, pv, pm, False, compiled=False)[0]
+
+
+def _fwd_bwd(q, k, v, grad, window, backend, compiled, prefix=None, chunk=None):
+    for t in (q, k, v, *(prefix or ())):
+        t.grad = None
+    out = attend(q, k, v, window, backend, compiled, prefix, chunk)
+    out.backward(grad)
+    grads = [t.grad for t in (q, k, v, *(prefix or ()))]
+    return out.detach(), grads
+
+
+def part_attention(s: Settings, cases: list[dict], events: Events) -> None:
+    device, compiled = s.device, not s.dry_run
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    for case in cases:
+        events.write(event="start", case=case["id"])
+        try:
+            if case["kind"] == "equal":
+                events.row(_attention_equal(s, case, device, dtype, compiled))
+            else:
+                events.row(_attention_speed(s, case, device, dtype, compiled))
+        except Exception as exn:  # noqa: BLE001
+            events.row(Row(2, case["id"], "OOM" if _is_oom(exn) else "FAIL", note=_error(exn)))
+        _free_memory()
+        events.write(event="done", case=case["id"])
+
+
+def _attention_equal(s: Settings, case: dict, device: str, dtype: torch.dtype, compiled: bool) -> Row:
+    """flex and sdpa against an fp32 reference: flex must be as close to it as sdpa is."""
+    e = s.attn_equal
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, H, T, D, W = e["B"], e["H"], e["T"], e["D"], e["window"]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    base = [rand(B, H, T, D) for _ in range(3)]
+    grad = rand(B, H, T, D)
+    chunk = prefix = None
+    if case["prefix"]:  # kv_slots' layout: one set of slots per query block
+        chunk = max(8, W // 2)
+        blocks = math.ceil(T / chunk)
+        prefix = [rand(B, H, blocks, 4, D) for _ in range(2)]
+
+    def run(backend, dt, comp):
+        q, k, v = (t.to(dt).requires_grad_() for t in base)
+        pre = [t.to(dt).requires_grad_() for t in prefix] if prefix else None
+        out, grads = _fwd_bwd(q, k, v, grad.to(dt), W, backend, comp, pre, chunk)
+        return out.float(), [x.float() for x in grads]
+
+    ref_out, ref_grads = run("math", torch.float32, False)
+    errors = {}
+    for backend in ("sdpa", "flex"):
+        out, grads = run(backend, dtype, compiled if backend == "flex" else False)
+        errors[backend] = max([(out - ref_out).abs().max().item()]
+                              + [(a - b).abs().max().item() for a, b in zip(grads, ref_grads)])
+        if backend == "flex":
+            sdpa_out, _ = run("sdpa", dtype, False)
+            errors["flex_vs_sdpa_out"] = (out - sdpa_out).abs().max().item()
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    ok = errors["flex"] <= 2 * errors["sdpa"] + atol
+    return Row(2, case["id"], "PASS" if ok else "FAIL",
+               f"flex err {errors['flex']:.2e} (|flex-sdpa| out {errors['flex_vs_sdpa_out']:.2e})",
+               f"sdpa err {errors['sdpa']:.2e}", "", f"vs fp32 reference, out + grads, {dtype}, T={T} W={W}"
+               + (", eager flex (CPU)" if not compiled else ""), errors)
+
+
+def _attention_speed(s: Settings, case: dict, device: str, dtype: torch.dtype, compiled: bool) -> Row:
+    a = s.attn_speed
+    T, H, D, W = case["T"], a["H"], a["D"], a["window"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(1, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(1, H, T, D, generator=g).to(device, dtype)
+    res = {}
+    for backend in ("sdpa", "flex"):
+        comp = compiled if backend == "flex" else False
+        t0 = time.perf_counter()
+        _fwd_bwd(q, k, v, grad, W, backend, comp)  # warm-up: compilation, block mask, allocator
+        _sync(device)
+        res[f"{backend}_first_s"] = time.perf_counter() - t0
+        best = math.inf
+        _reset_peak(device)
+        for _ in range(3):
+            _sync(device)
+            t0 = time.perf_counter()
+            _fwd_bwd(q, k, v, grad, W, backend, comp)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        res[f"{backend}_s"] = best
+        res[f"{backend}_peak_gib"] = _peak_gib(device)
+    speedup = res["sdpa_s"] / res["flex_s"]
+    note = (f"fwd+bwd, {H}x{D} heads, W={W}, first flex call {res['flex_first_s']:.1f} s"
+            + (" (compile)" if compiled else " (eager, CPU)"))
+    if res["flex_peak_gib"] is not None:
+        note += f", peak flex {res['flex_peak_gib']:.2f} / sdpa {res['sdpa_peak_gib']:.2f} GiB"
+    return Row(2, case["id"], "PASS", f"flex {1e3 * res['flex_s']:.1f} ms", f"sdpa {1e3 * res['sdpa_s']:.1f} ms",
+               f"flex {speedup:.2f}x faster" if speedup >= 1 else f"flex {1 / speedup:.2f}x slower", note, res)
+
+
+# ---------------------------------------------------------------------------------------------
+# part 3: the TTT layer at Moshi's width
+# ---------------------------------------------------------------------------------------------
+def part_ttt_layer(s: Settings, cases: list[dict], events: Events) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ttt_layer import build, fwd_bwd  # bench/ttt_layer.py: the layer bench's builder and step
+
+    peak = s.peak_flops
+    flops_per_token: dict[str, float] = {}
+    for case in cases:
+        events.write(event="start", case=case["id"])
+        inner, T = case["inner"], case["T"]
+        try:
+            torch.manual_seed(0)
+            layer = build(inner, s.ttt_heads, s.ttt_head_dim, s.device, 16)
+            dim, b = layer.dim, layer.memory.mini_batch_size
+            if inner not in flops_per_token:
+                xf = torch.randn(1, 8 * b, dim, device=s.device, requires_grad=True)
+                with FlopCounterMode(display=False) as counter:
+                    fwd_bwd(layer, xf, "bf16")
+                flops_per_token[inner] = counter.get_total_flops() / (8 * b)
+            x = torch.randn(1, T, dim, device=s.device, requires_grad=True)
+            fwd_bwd(layer, x, "bf16")  # warm-up at this length
+            _reset_peak(s.device)
+            best = math.inf
+            for _ in range(2):
+                t0 = time.perf_counter()
+                y = fwd_bwd(layer, x, "bf16")  # synchronises on CUDA
+                best = min(best, time.perf_counter() - t0)
+            if not torch.isfinite(y).all():
+                raise FloatingPointError(f"non-finite TTT output at T={T}")
+            tokens_s = T / best
+            tflops = flops_per_token[inner] * T / best / 1e12
+            share = f"{100 * tflops * 1e12 / peak:.1f} % of peak" if peak else "peak unknown"
+            data = {"tokens_per_s": tokens_s, "tflops": tflops, "peak_tflops": peak / 1e12 if peak else None,
+                    "flops_per_token": flops_per_token[inner], "fwd_bwd_s": best, "peak_gib": _peak_gib(s.device)}
+            events.row(Row(3, case["id"], "PASS", f"{tokens_s:,.0f} tok/s, {tflops:.3g} TFLOP/s",
+                           f"bf16 peak {peak / 1e12:.3g} TFLOP/s" if peak else "", share,
+                           f"{s.ttt_heads}x{s.ttt_head_dim}, fwd+bwd {best:.3g} s, peak {_fmt_gib(data['peak_gib'])}",
+                           data))
+            del layer, x
+        except Exception as exn:  # noqa: BLE001
+            events.row(Row(3, case["id"], "OOM" if _is_oom(exn) else "FAIL", note=_error(exn)))
+        _free_memory()
+        events.write(event="done", case=case["id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# part 4: train.py through Lightning, straight vs stopped + resumed
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(s: Settings, trainer: str, root: Path, run_name: str, steps: int, log: Path) -> subprocess.Popen:
+    overrides = TRAINERS[trainer][1 if s.dry_run else 0]
+    env = {**os.environ, "MOSHI_TTT_OUTPUT": str(root), "NO_TORCH_COMPILE": "1", "WANDB_MODE": "offline",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)}
+    if s.dry_run:
+        env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "train.py", "experiment=smoke", *overrides, f"run_name={run_name}",
+           f"trainer.max_steps={steps}", f"optim.total_steps={s.train_steps}", "data.val_shards=null",
+           f"callbacks.model_checkpoint.every_n_train_steps={s.cut_step}"]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _run_all(s: Settings, launches: list[tuple], deadline: float) -> dict:
+    """Run (key, trainer, root, run_name, steps, log) launches, ``s.concurrent_launches`` at a time;
+    key -> (exit code, seconds)."""
+    pending, running, results = list(launches), {}, {}
+    while pending or running:
+        while pending and len(running) < s.concurrent_launches:
+            key, *spec = pending.pop(0)
+            running[key] = (_launch(s, *spec), time.perf_counter())
+        for key, (proc, t0) in list(running.items()):
+            if proc.poll() is not None:
+                results[key] = (proc.returncode, time.perf_counter() - t0)
+                del running[key]
+            elif time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                results[key] = ("timeout", time.perf_counter() - t0)
+                del running[key]
+        time.sleep(0.2)
+    return results
+
+
+def _log_tail(path: Path, n: int = 3) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else []
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return " | ".join((errors or lines)[-n:])[:300]
+
+
+def compare_resume(straight_dir: Path, resumed_dir: Path, steps: int, cut: int, tol: float) -> tuple[str, str, dict]:
+    """(status, message, data): the resumed run's per-step losses against the straight run's."""
+    import csv
+
+    from moshi_ttt.training.metrics_io import read_csv_metrics
+
+    a, b = read_csv_metrics(straight_dir), read_csv_metrics(resumed_dir)
+    la, lb = a.get("train/loss", {}), b.get("train/loss", {})
+    expected = list(range(steps))
+    if sorted(la) != expected or sorted(lb) != expected:
+        return "FAIL", f"logged steps straight {sorted(la)}, resumed {sorted(lb)}; expected 0..{steps - 1}", {}
+    attempts = sorted(resumed_dir.glob("csv/*/metrics.csv"))
+    first_resumed = None
+    if len(attempts) >= 2:
+        with open(attempts[-1], newline="") as f:
+            logged = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+        first_resumed = min(logged) if logged else None
+    diffs = [abs(la[i] - lb[i]) / max(1.0, abs(la[i])) for i in expected]
+    grad_norms = a.get("train/grad_norm", {})
+    data = {"max_rel_diff": max(diffs), "losses": [la[i] for i in expected], "first_resumed_step": first_resumed,
+            "grad_norms": [grad_norms.get(i) for i in expected]}
+    if first_resumed != cut:
+        return "FAIL", f"the second attempt started at step {first_resumed}, not at the cut ({cut}): no resume", data
+    if not all(math.isfinite(v) for v in (*la.values(), *lb.values())):
+        return "FAIL", "non-finite loss", data
+    if len(grad_norms) < steps or not all(v > 0 for v in grad_norms.values()):
+        return "FAIL", f"train/grad_norm missing or zero at some step: {data['grad_norms']}", data
+    if max(diffs) > tol:
+        worst = max(expected, key=lambda i: diffs[i])
+        return "FAIL", (f"resumed loss differs at step {worst}: {lb[worst]:.6g} vs {la[worst]:.6g} "
+                        f"(rel {diffs[worst]:.1e} > {tol:.0e})"), data
+    return "PASS", "", data
+
+
+def part_lightning(s: Settings, cases: list[dict], events: Events, out_dir: Path) -> None:
+    deadline = time.monotonic() + s.budgets[4] - 5  # the parent's limit is the budget
+    base = out_dir / "part4"
+    for case in cases:
+        events.write(event="start", case=case["id"])
+    # round 1: the straight run and the first half of the interrupted one; round 2: the resume
+    round1 = []
+    for case in cases:
+        t = case["id"]
+        round1.append(((t, "straight"), t, base / t / "straight", "straight", s.train_steps, base / t / "straight.log"))
+        round1.append(((t, "cut"), t, base / t / "cut", "cut", s.cut_step, base / t / "cut.log"))
+    first = _run_all(s, round1, deadline)
+    round2 = [((c["id"], "resume"), c["id"], base / c["id"] / "cut", "cut", s.train_steps, base / c["id"] / "resume.log")
+              for c in cases if first[(c["id"], "straight")][0] == 0 and first[(c["id"], "cut")][0] == 0]
+    second = _run_all(s, round2, deadline)
+    for case in cases:
+        t = case["id"]
+        label = " ".join(TRAINERS[t][1 if s.dry_run else 0])
+        runs = {**{k[1]: v for k, v in first.items() if k[0] == t}, **{k[1]: v for k, v in second.items() if k[0] == t}}
+        bad = [(name, rc) for name, (rc, _) in runs.items() if rc != 0]
+        wall = sum(sec for _, sec in runs.values())
+        if bad:
+            name, rc = bad[0]
+            status = "TIMEOUT" if rc == "timeout" else "FAIL"
+            events.row(Row(4, label, status, note=f"{name} run exit {rc}: {_log_tail(base / t / f'{name}.log')}"))
+        else:
+            status, msg, data = compare_resume(base / t / "straight" / "runs" / "straight",
+                                               base / t / "cut" / "runs" / "cut", s.train_steps, s.cut_step,
+                                               s.resume_tol)
+            data["wall_s"] = wall
+            measured = (f"{s.train_steps} steps, stop at {s.cut_step} + resume: max rel |dloss| "
+                        f"{data.get('max_rel_diff', float('nan')):.1e}")
+            losses = data.get("losses") or [float("nan")]
+            events.row(Row(4, label, status, measured, "uninterrupted run", "",
+                           msg or f"loss {losses[0]:.3g} -> {losses[-1]:.3g}, 3 launches {wall:.0f} s", data))
+        events.write(event="done", case=t)
+
+
+# ---------------------------------------------------------------------------------------------
+# part 5: streaming inference with LMGen
+# ---------------------------------------------------------------------------------------------
+def part_streaming(s: Settings, cases: list[dict], events: Events) -> None:
+    from moshi.models.lm import LMGen
+    from moshi.utils.compile import no_cuda_graph
+
+    for case in cases:
+        name = case["id"]
+        events.write(event="start", case=name)
+        model = gen = None
+        try:
+            graphs = name == GRAPHED
+            cfg = compose([*s.model_overrides, *VARIANTS["none" if graphs else name]])
+            model = build_variant(cfg, s.device)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.eval()
+            gen = LMGen(model)
+            g = torch.Generator().manual_seed(0)
+            user = torch.randint(0, model.card, (s.stream_warmup + s.stream_frames, 1, model.n_q - model.dep_q, 1),
+                                 generator=g).to(s.device)
+            outputs = []
+            ctx = no_cuda_graph() if not graphs else contextlib.nullcontext()
+            _reset_peak(s.device)
+            with ctx, gen.streaming(1):
+                for i in range(s.stream_warmup):
+                    outputs.append(gen.step(user[i]))
+                _sync(s.device)
+                t0 = time.perf_counter()
+                for i in range(s.stream_warmup, s.stream_warmup + s.stream_frames):
+                    outputs.append(gen.step(user[i]))
+                _sync(s.device)
+                dt = time.perf_counter() - t0
+            frames = [o for o in outputs if o is not None]
+            tokens = torch.cat(frames, dim=-1)
+            if not ((tokens[:, 0] >= 0).all() and (tokens[:, 0] < model.text_card).all()
+                    and (tokens[:, 1:] >= 0).all() and (tokens[:, 1:] < model.card).all()):
+                raise ValueError("LMGen produced out-of-range tokens")
+            fps = s.stream_frames / dt
+            status = "PASS" if fps >= REAL_TIME_FPS else "WARN"
+            note = (f"{len(frames)} frames out, peak {_fmt_gib(_peak_gib(s.device))}, "
+                    + ("CUDA graphs on" if graphs and s.device.startswith("cuda") else "CUDA graphs off"))
+            if status == "WARN":
+                note += "; below real time"
+            events.row(Row(5, name, status, f"{fps:.1f} frames/s", f"real time {REAL_TIME_FPS}",
+                           f"{fps / REAL_TIME_FPS:.2f}x real time", note,
+                           {"frames_per_s": fps, "seconds": dt, "frames": s.stream_frames}))
+        except Exception as exn:  # noqa: BLE001
+            events.row(Row(5, name, "OOM" if _is_oom(exn) else "FAIL", note=_error(exn)))
+        del model, gen
+        _free_memory()
+        events.write(event="done", case=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration: one worker process per part, budgets, crash recovery
+# ---------------------------------------------------------------------------------------------
+def part_cases(part: int, s: Settings) -> list[dict]:
+    if part == 1:
+        return [{"id": v} for v in s.variants if v != "none"]
+    if part == 2:
+        T = s.attn_equal["T"]
+        return ([{"id": f"equal T={T}", "kind": "equal", "prefix": False},
+                 {"id": f"equal T={T} + prefix slots", "kind": "equal", "prefix": True}]
+                + [{"id": f"speed T={T}", "kind": "speed", "T": T} for T in s.attn_speed["lengths"]])
+    if part == 3:
+        return [{"id": f"{inner} T={T}", "inner": inner, "T": T} for inner in s.ttt_inners for T in s.ttt_lengths]
+    if part == 4:
+        return [{"id": t} for t in s.trainers]
+    if part == 5:
+        return [{"id": v} for v in s.variants] + ([{"id": GRAPHED}] if "none" in s.variants else [])
+    raise ValueError(f"--parts: no part {part}; parts are {list(PART_NAMES)}")
+
+
+def run_worker(spec: dict) -> None:
+    s = Settings(**{**spec["settings"], "budgets": {int(k): v for k, v in spec["settings"]["budgets"].items()}})
+    events = Events(spec["events"])
+    part, cases = spec["part"], spec["cases"]
+    if not s.dry_run:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if part == 1:
+        part_train_step(s, cases, events)
+    elif part == 2:
+        part_attention(s, cases, events)
+    elif part == 3:
+        part_ttt_layer(s, cases, events)
+    elif part == 4:
+        part_lightning(s, cases, events, Path(spec["out_dir"]))
+    elif part == 5:
+        part_streaming(s, cases, events)
+
+
+def run_part(part: int, s: Settings, out_dir: Path) -> list[Row]:
+    """Run one part's cases in worker processes within its budget. A worker that dies is
+    restarted on the cases it had not reached; the case it was running is reported FAIL."""
+    budget = s.budgets[part]
+    deadline = time.monotonic() + budget
+    remaining = part_cases(part, s)
+    rows: list[Row] = []
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)}
+    if part == 2 and not s.dry_run:
+        env.pop("NO_TORCH_COMPILE", None)  # FlexAttention is only used compiled
+    if s.dry_run:
+        env["OMP_NUM_THREADS"] = "1"  # tiny ops on a shared CPU: one thread is fastest
+    attempt = 0
+    while remaining:
+        left = deadline - time.monotonic()
+        if left < 3:
+            rows += [Row(part, c["id"], "SKIP", note=f"not run: part budget of {budget:.0f} s spent") for c in remaining]
+            break
+        events = Events(logs / f"part{part}-{attempt}.jsonl")
+        events.path.unlink(missing_ok=True)  # a previous gpu_check's events in the same --out
+        log = logs / f"part{part}-{attempt}.log"
+        spec = {"part": part, "cases": remaining, "settings": asdict(s), "events": str(events.path),
+                "out_dir": str(out_dir)}
+        spec_path = logs / f"part{part}-{attempt}.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        timed_out = False
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)], cwd=REPO, env=env,
+                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker and what it started (train.py runs)
+                rc = proc.wait()
+                timed_out = True
+        seen = events.read()
+        started = [e["case"] for e in seen if e["event"] == "start"]
+        done = {e["case"] for e in seen if e["event"] == "done"}
+        rows += [Row(**e["row"]) for e in seen if e["event"] == "row"]
+        for case in started:
+            if case not in done:
+                if timed_out:
+                    rows.append(Row(part, case, "TIMEOUT", note=f"part budget of {budget:.0f} s spent while running"))
+                else:
+                    rows.append(Row(part, case, "FAIL", note=f"worker died (exit {rc}): {_log_tail(log)}"))
+        remaining = [c for c in remaining if c["id"] not in started]
+        if timed_out:
+            rows += [Row(part, c["id"], "SKIP", note=f"not run: part budget of {budget:.0f} s spent") for c in remaining]
+            break
+        if rc == 0 and remaining:
+            rows += [Row(part, c["id"], "FAIL", note=f"worker ended without running it: {_log_tail(log)}")
+                     for c in remaining]
+            break
+        if rc != 0 and not started:  # died before its first case: an import or setup error
+            rows += [Row(part, c["id"], "FAIL", note=f"worker failed (exit {rc}): {_log_tail(log)}") for c in remaining]
+            break
+        attempt += 1
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------------
+COLUMNS = ("part", "case", "status", "measured", "reference", "ratio", "note")
+
+
+def _cells(row: Row) -> list[str]:
+    return [f"{row.part} {PART_NAMES[row.part]}", row.case, row.status, row.measured, row.reference, row.ratio,
+            row.note]
+
+
+def render_text(rows: list[Row], header: str) -> str:
+    cells = [list(COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS) - 1)]
+    lines = [header]
+    for i, c in enumerate(cells):
+        lines.append("  ".join([v.ljust(w) for v, w in zip(c[:-1], widths)] + [c[-1]]).rstrip())
+        if i == 0:
+            lines.append("-" * (sum(widths) + 2 * len(widths) + 4))
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(rows: list[Row], header: str) -> str:
+    def esc(v: str) -> str:
+        return v.replace("|", "\\|")
+
+    lines = [f"# gpu-check\n\n{header}\n", "| " + " | ".join(COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(esc(v) for v in _cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def describe_machine(s: Settings) -> str:
+    if s.dry_run:
+        return f"DRY RUN on CPU at tiny sizes (torch {torch.__version__}): code paths only, numbers mean nothing"
+    props = torch.cuda.get_device_properties(0)
+    peak = s.peak_flops
+    return (f"{props.name}, {_gib(props.total_memory):.0f} GiB, bf16 peak "
+            f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (set MOSHI_TTT_PEAK_FLOPS)'}, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="the same code on the CPU at tiny sizes")
+    parser.add_argument("--parts", type=int, nargs="+", default=list(PART_NAMES), choices=list(PART_NAMES))
+    parser.add_argument("--variants", nargs="+", default=None, help=f"of {list(VARIANTS)} (parts 1, 5)")
+    parser.add_argument("--trainers", nargs="+", default=None, help=f"of {list(TRAINERS)} (part 4)")
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="Hydra overrides for the model of parts 1 and 5 (e.g. ttt.layer.num_heads=8)")
+    parser.add_argument("--out", default="outputs/gpu_check", help="directory for gpu_check.json/.md and logs")
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time budget")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak (default: moshi_ttt.training.module.peak_flops by device name, "
+                             "or MOSHI_TTT_PEAK_FLOPS)")
+    parser.add_argument("--resume-tol", type=float, default=None,
+                        help="part 4: largest relative per-step loss difference after a resume "
+                             "(default 1e-6 on CPU, 2e-3 on CUDA)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker is not None:
+        run_worker(json.loads(Path(args.worker).read_text()))
+        return 0
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); this check needs one CUDA GPU. "
+              "`python bench/gpu_check.py --dry-run` runs the same code on the CPU at tiny sizes.", file=sys.stderr)
+        return 2
+    s = make_settings(args)
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = describe_machine(s)
+    print(f"gpu_check: {header}; parts {args.parts}, budgets (s) "
+          f"{ {p: round(s.budgets[p]) for p in args.parts} }; logs in {out_dir / 'logs'}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    rows: list[Row] = []
+    for part in args.parts:
+        started = time.perf_counter()
+        try:
+            part_rows = run_part(part, s, out_dir)
+        except Exception as exn:  # noqa: BLE001 - the orchestration of one part must not stop the others
+            part_rows = [Row(part, "(part)", "FAIL", note=_error(exn))]
+            traceback.print_exc()
+        rows += part_rows
+        print(f"gpu_check: part {part} ({PART_NAMES[part]}) took {time.perf_counter() - started:.0f} s",
+              file=sys.stderr, flush=True)
+    wall = time.perf_counter() - t0
+    header += f"; total {wall:.0f} s"
+    text = render_text(rows, header)
+    print(text, end="")
+    summary = {s_: sum(r.status == s_ for r in rows) for s_ in STATUSES}
+    print("summary: " + ", ".join(f"{n} {k}" for k, n in summary.items() if n))
+    (out_dir / "gpu_check.json").write_text(json.dumps(
+        {"machine": header, "dry_run": s.dry_run, "wall_s": wall, "settings": asdict(s), "summary": summary,
+         "rows": [asdict(r) for r in rows]}, indent=2))
+    (out_dir / "gpu_check.md").write_text(render_markdown(rows, header))
+    return 1 if any(r.status in FAILING for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

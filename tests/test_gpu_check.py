@@ -1,0 +1,122 @@
+"""bench/gpu_check.py: its --dry-run runs every part's code on the CPU at tiny sizes, so the GPU
+check cannot rot; a failing case is reported and the rest still runs; a resume that does not
+continue the run is caught."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_cuda_it_exits_2_and_points_to_the_dry_run(gpu_check, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "--dry-run" in err
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_dry_run_of_parts_1_2_3_5_and_a_failing_variant_does_not_stop_the_rest(gpu_check, tmp_path, capsys):
+    # ++ttt.window=0 breaks hybrid only (its local attention window); the other variants ignore it.
+    rc = gpu_check.main(["--dry-run", "--parts", "1", "2", "3", "5", "--variants", "none", "pre_attention", "hybrid",
+                         "--overrides", "++ttt.window=0", "--peak-tflops", "0.1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1  # a FAIL row fails the check
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    rows = {(r["part"], r["case"]): r for r in report["rows"]}
+    ok = ("PASS", "WARN")
+
+    assert rows[(1, "hybrid (build)")]["status"] == "FAIL" and "window=0" in rows[(1, "hybrid (build)")]["note"]
+    assert rows[(5, "hybrid")]["status"] == "FAIL" and "window=0" in rows[(5, "hybrid")]["note"]
+    assert [r["status"] for r in report["rows"]].count("FAIL") == 2, report["rows"]
+
+    # 1: one optimizer step per length, beside the planner's estimate for the same shape
+    plans = []
+    for T in (32, 64, 96):
+        r = rows[(1, f"pre_attention T={T}")]
+        assert r["status"] in ok, r
+        assert math.isfinite(r["data"]["loss"]) and r["data"]["step_s"] > 0
+        assert r["data"]["time_ratio"] > 0 and "time" in r["ratio"]  # the peak was given: a planned step time
+        assert r["data"]["peak_gib"] is None  # no CUDA allocator on the CPU
+        plans.append(r["data"]["plan"]["memory_gib"])
+    assert 0 < plans[0] < plans[1] < plans[2]
+    # 2: FlexAttention (eager on the CPU) as close to an fp32 reference as chunked SDPA, prefix slots too
+    for case in ("equal T=96", "equal T=96 + prefix slots"):
+        r = rows[(2, case)]
+        assert r["status"] == "PASS", r
+        assert r["data"]["flex"] <= 2 * r["data"]["sdpa"] + 1e-5
+    assert rows[(2, "speed T=96")]["status"] == "PASS" and rows[(2, "speed T=96")]["data"]["flex_s"] > 0
+    # 3: the TTT layer's FLOP rate as a share of the given peak
+    for inner in ("linear", "mlp"):
+        r = rows[(3, f"{inner} T=64")]
+        assert r["status"] == "PASS" and r["data"]["tflops"] > 0 and r["data"]["flops_per_token"] > 0
+        assert "% of peak" in r["ratio"]
+    # 5: LMGen streams every variant that builds, with and without CUDA graphs
+    for case in ("none", "pre_attention", "none+cuda_graphs"):
+        r = rows[(5, case)]
+        assert r["status"] in ok, r
+        assert r["data"]["frames_per_s"] > 0 and "real time" in r["ratio"]
+
+    # one table, printed and written
+    assert "pre_attention T=96" in out and "summary:" in out and "2 FAIL" in out
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.count("\n| ") == len(report["rows"]) + 1  # header + one line per row
+
+
+def _write_metrics(run_dir: Path, attempts: list[dict[int, float]]) -> None:
+    for version, losses in enumerate(attempts):
+        path = run_dir / "csv" / f"version_{version}" / "metrics.csv"
+        path.parent.mkdir(parents=True)
+        lines = ["step,train/loss,train/grad_norm"] + [f"{s},{v},0.5" for s, v in losses.items()]
+        path.write_text("\n".join(lines) + "\n")
+
+
+def test_resume_comparison_catches_a_diverging_or_restarted_run(gpu_check, tmp_path):
+    straight = {s: 5.0 - 0.1 * s for s in range(4)}
+    _write_metrics(tmp_path / "straight", [straight])
+    _write_metrics(tmp_path / "resumed", [{0: 5.0, 1: 4.9}, {2: 4.8, 3: 4.7}])
+    status, msg, data = gpu_check.compare_resume(tmp_path / "straight", tmp_path / "resumed", 4, 2, 1e-6)
+    assert status == "PASS" and data["first_resumed_step"] == 2, msg
+
+    _write_metrics(tmp_path / "diverged", [{0: 5.0, 1: 4.9}, {2: 4.8, 3: 4.71}])
+    status, msg, _ = gpu_check.compare_resume(tmp_path / "straight", tmp_path / "diverged", 4, 2, 1e-6)
+    assert status == "FAIL" and "step 3" in msg
+
+    # the second attempt started from scratch: same losses, but it did not resume
+    _write_metrics(tmp_path / "restarted", [{0: 5.0, 1: 4.9}, dict(straight)])
+    status, msg, _ = gpu_check.compare_resume(tmp_path / "straight", tmp_path / "restarted", 4, 2, 1e-6)
+    assert status == "FAIL" and "no resume" in msg
+
+
+@pytest.mark.slow
+def test_dry_run_of_part_4_trains_and_resumes_exactly_under_ddp_and_zero3(gpu_check, tmp_path, capsys):
+    """train.py experiment=smoke under trainer=ddp_sim and deepspeed_cpu_sim (ZeRO-3): a stop at
+    step 2 and a resume give the straight run's losses."""
+    rc = gpu_check.main(["--dry-run", "--parts", "4", "--trainers", "ddp", "deepspeed_zero3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 0, out
+    rows = {r["case"]: r for r in report["rows"]}
+    assert set(rows) == {"trainer=ddp_sim", "trainer=deepspeed_cpu_sim trainer.strategy.config.zero_optimization.stage=3"}
+    for r in rows.values():
+        assert r["status"] == "PASS", r
+        assert r["data"]["max_rel_diff"] <= 1e-6 and r["data"]["first_resumed_step"] == 2
+        assert len(r["data"]["losses"]) == 4
