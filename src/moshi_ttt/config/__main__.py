@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from moshi_ttt.config.errors import EXIT_BAD_SETTING, describe
 from moshi_ttt.config.explain import CONF_DIR, lookup, normalise, overview, render
 
+_ABSENT = object()
+
 
 def _values(key: str, overrides: list[str], entries) -> dict[str, object]:
     from hydra import compose, initialize_config_dir
@@ -28,10 +30,10 @@ def _values(key: str, overrides: list[str], entries) -> dict[str, object]:
         concrete = key if normalise(key) == e.key else e.key
         if ".N." in concrete or concrete.endswith(".N"):
             continue
-        value = OmegaConf.select(cfg, concrete, default=None, throw_on_resolution_failure=False)
-        if value is not None and OmegaConf.is_config(value):
-            continue
-        values[e.key] = value
+        value = OmegaConf.select(cfg, concrete, default=_ABSENT, throw_on_resolution_failure=False)
+        if value is _ABSENT or OmegaConf.is_config(value):
+            continue  # not in this composition (e.g. no such stage), or a whole group
+        values[e.key] = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
     return values
 
 

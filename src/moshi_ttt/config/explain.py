@@ -52,7 +52,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def _type_name(tp) -> str:
     text = str(tp).replace("typing.", "").replace("NoneType", "None")
     text = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], text)
-    return text.replace("Optional[", "optional[")
+    return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", text)  # moshi_ttt.config.schema.Stage -> Stage
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -66,6 +66,8 @@ def _default(f: dataclasses.Field) -> str:
         return "required"
     if dataclasses.is_dataclass(value):
         return "(group)"
+    if isinstance(value, bool):
+        return str(value).lower()
     return "null" if value is None else str(value)
 
 
