@@ -604,11 +604,13 @@ def plan_stages(shape: ModelShape, ttt: TTTShape | None, ttt_cfg: dict, model_cf
         raise PlanError("curriculum.stages.*.accumulate > 1 is not supported with DeepSpeed (train.py refuses it): "
                         "use accumulate: 1 and more GPUs or a larger batch_size")
     if ttt:
+        from moshi_ttt.ttt import check_stage_mini_batch
+
         for s in stages:
-            if s.ttt_mini_batch_size is not None and s.ttt_mini_batch_size != ttt.mini_batch:
-                raise PlanError(f"curriculum.stages.{s.index}.ttt_mini_batch_size={s.ttt_mini_batch_size} but the TTT "
-                                f"layers are built with ttt.layer.mini_batch_size={ttt.mini_batch}: the stage switch "
-                                "would fail; make them equal")
+            try:
+                check_stage_mini_batch(s.ttt_mini_batch_size, ttt.mini_batch, f"curriculum.stages.{s.index}.ttt_mini_batch_size")
+            except ValueError as exn:
+                raise PlanError(str(exn)) from exn
 
     W = hw.gpus
     if W < 1:

@@ -246,7 +246,7 @@ def _check_ttt(c: _Checker, stages) -> None:
     ttt = c.get("ttt")
     if ttt is None or ttt.get("variant", "none") == "none" or ttt.get("layer") is None:
         return
-    from moshi_ttt.ttt.config import TTTConfig
+    from moshi_ttt.ttt.config import TTTConfig, check_stage_mini_batch
 
     layer = OmegaConf.to_container(ttt.layer, resolve=True)
     try:
@@ -255,10 +255,9 @@ def _check_ttt(c: _Checker, stages) -> None:
         raise ConfigError(f"ttt.layer: {exn}") from exn
     except ValueError as exn:  # TTTConfig names the key (ttt.layer.<field>)
         raise ConfigError(str(exn)) from exn
-    for i, stage in enumerate(stages):
-        b = stage.ttt_mini_batch_size
-        if b is not None and b != built.mini_batch_size:
-            raise bad(f"curriculum.stages.{i}.ttt_mini_batch_size", b,
-                      f"differs from ttt.layer.mini_batch_size={built.mini_batch_size}: the TTT layers are built "
-                      "with one mini-batch size (their per-position learning rates and cache_replacement's window "
-                      "are sized by it); set the same value or leave the stage's null")
+    for i, stage in enumerate(stages):  # the one rule, shared with the layers' configure_for_stage
+        try:
+            check_stage_mini_batch(stage.ttt_mini_batch_size, built.mini_batch_size,
+                                   f"curriculum.stages.{i}.ttt_mini_batch_size")
+        except ValueError as exn:
+            raise ConfigError(str(exn)) from exn
