@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moshi_ttt.config.schema import OptimConfig  # the schema is the one definition
+from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.models import count_parameters
 from moshi_ttt.models.segments import bind_segments, release_segments, segment_context
 from moshi_ttt.training.loss import LossConfig, moshi_loss
@@ -20,7 +21,6 @@ logger = logging.getLogger(__name__)
 
 # Loss by position inside the sequence, in minutes (the long-memory question is "late" loss).
 POSITION_BUCKETS_MIN = ((0, 1), (1, 4), (4, 10), (10, 30))
-FRAME_RATE = 12.5
 # Dense bf16 peak FLOP/s by device name, for model-FLOPs utilisation (override: MOSHI_TTT_PEAK_FLOPS).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
