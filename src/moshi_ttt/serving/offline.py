@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.data.audio import SAMPLE_RATE, resample
 
-FRAME_RATE = 12.5
 PADDING_IDS = (0, 3)  # moshi's end-of-text and text padding
 
 
