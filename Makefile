@@ -30,12 +30,18 @@ $(MOSHI_TTT_VENV)/.deps-installed:
 	@echo "$(CURDIR)" > $(MOSHI_TTT_VENV)/.source-dir
 	@touch $@
 
-# espeak-ng (a Debian package) speaks the embedded demo dialogues; installed when missing.
+# Debian packages, installed when missing: espeak-ng speaks the embedded demo dialogues;
+# slurm-wlm and munge run the real single-node Slurm cluster of tests/test_slurm.py.
+SYSTEM_PACKAGES := espeak-ng:espeak-ng slurm-wlm:slurmctld munge:munged
 system-deps:
-	@command -v espeak-ng >/dev/null 2>&1 || { \
-	  echo "espeak-ng not found: installing it with apt-get"; \
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair#*:} >/dev/null 2>&1 || [ -x /usr/sbin/$${pair#*:} ] || missing="$$missing $${pair%%:*}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing with apt-get:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 DEMO_DATA := data/generated/demo
 DATA_SRC := $(addprefix src/moshi_ttt/data/,audio.py alignment.py codec.py prepare.py dialogue.py espeak.py \
@@ -59,7 +65,7 @@ memory-proof: install
 	$(PY) -m moshi_ttt.memory_proof --out outputs/memory_proof
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 lint: install
 	$(PY) -m ruff check src tests bench train.py

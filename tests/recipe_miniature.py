@@ -16,28 +16,29 @@ STAGE_SHAPES = [  # (seconds, steps, batch_size): 32, 200 and 300 frames
 ]
 
 
-def stage_overrides() -> list[str]:
+def stage_overrides(shapes=STAGE_SHAPES) -> list[str]:
     out = []
-    for i, (seconds, steps, batch) in enumerate(STAGE_SHAPES):
+    for i, (seconds, steps, batch) in enumerate(shapes):
         out += [f"curriculum.stages.{i}.seconds={seconds}", f"curriculum.stages.{i}.steps={steps}",
                 f"curriculum.stages.{i}.batch_size={batch}", f"curriculum.stages.{i}.warmup_steps=1"]
     return out
 
 
-def total_steps() -> int:
-    return sum(steps for _, steps, _ in STAGE_SHAPES)
+def total_steps(shapes=STAGE_SHAPES) -> int:
+    return sum(steps for _, steps, _ in shapes)
 
 
-def stage_of_step(step: int) -> int:
+def stage_of_step(step: int, shapes=STAGE_SHAPES) -> int:
+    """The curriculum stage of optimizer step ``step`` (0-based)."""
     end = 0
-    for i, (_, steps, _) in enumerate(STAGE_SHAPES):
+    for i, (_, steps, _) in enumerate(shapes):
         end += steps
         if step < end:
             return i
     raise ValueError(step)
 
 
-def miniature_overrides(trainer: str | None = "deepspeed_cpu_sim") -> list[str]:
+def miniature_overrides(trainer: str | None = "deepspeed_cpu_sim", shapes=STAGE_SHAPES) -> list[str]:
     """``python train.py`` arguments after ``experiment=moshiko_ttt_30min``. ``trainer=None``
     leaves the trainer to the caller (the sbatch script sets it from MOSHI_TTT_TRAINER)."""
     out = [
@@ -51,6 +52,6 @@ def miniature_overrides(trainer: str | None = "deepspeed_cpu_sim") -> list[str]:
         "trainer.val_check_interval=4",
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "callbacks.progress.every_n_steps=1",
-        *stage_overrides(),
+        *stage_overrides(shapes),
     ]
     return ([f"trainer={trainer}"] if trainer else []) + out

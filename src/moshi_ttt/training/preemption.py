@@ -2,8 +2,10 @@
 
 SLURM sends SIGUSR1 some seconds before it stops a job (``--signal=SIGUSR1@90``). The signal
 handler only sets a flag; at the end of the next optimizer step every rank agrees on it (one
-scalar all-reduce), all ranks write ``last.ckpt`` together, rank 0 runs
-``scontrol requeue $SLURM_JOB_ID`` and training stops cleanly. The requeued job reruns the
+scalar all-reduce), all ranks write ``last.ckpt`` together and training stops cleanly. Only
+once ``fit`` has returned, the loggers are closed (the W&B run file complete) and the run
+directory's lock is released does rank 0 run ``scontrol requeue $SLURM_JOB_ID``
+(``requeue_if_preempted``): Slurm kills the job at once when it requeues it. The requeued job reruns the
 same command, whose ``run_name`` points at the same run directory, and resumes from that
 checkpoint. Lightning's own SLURM auto-requeue (which saves inside the signal handler) is
 disabled by ``train()`` so that exactly one component requeues.
@@ -40,6 +42,7 @@ class PreemptionCallback(L.Callback):
         self.signum = getattr(signal, signal_name)
         self.requeue = requeue
         self._flag = False
+        self.preempted = False
         self._previous = None
 
     def _handler(self, signum, frame) -> None:
@@ -68,12 +71,23 @@ class PreemptionCallback(L.Callback):
             trainer.save_checkpoint(path, weights_only=False)
             if trainer.is_global_zero:
                 logger.warning("preemption signal: checkpoint written at step %d to %s", trainer.global_step, path)
-                cmd = requeue_command() if self.requeue else None
-                if cmd is None:
-                    logger.warning("not requeued (no SLURM job id, or requeue disabled)")
-                else:
-                    result = subprocess.run(cmd, capture_output=True, text=True)
-                    level = logging.INFO if result.returncode == 0 else logging.ERROR
-                    logger.log(level, "%s -> exit %d %s", " ".join(cmd), result.returncode, result.stderr.strip())
             self._flag = False
+            self.preempted = True
             trainer.should_stop = True
+
+
+def requeue_if_preempted(trainer: L.Trainer) -> bool:
+    """After a preempted fit has returned and every log is closed: rank 0 requeues the job
+    (Slurm ends this process right away). Returns whether a requeue was asked for."""
+    cb = next((c for c in trainer.callbacks if isinstance(c, PreemptionCallback)), None)
+    if cb is None or not getattr(cb, "preempted", False) or not trainer.is_global_zero:
+        return False
+    cmd = requeue_command() if cb.requeue else None
+    if cmd is None:
+        logger.warning("not requeued (no SLURM job id, or requeue disabled)")
+        return False
+    logger.info("requeueing: %s", " ".join(cmd))
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    level = logging.INFO if result.returncode == 0 else logging.ERROR
+    logger.log(level, "%s -> exit %d %s", " ".join(cmd), result.returncode, result.stderr.strip())
+    return True
