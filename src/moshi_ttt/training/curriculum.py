@@ -2,9 +2,10 @@
 
 Each stage is one Lightning "epoch" whose train loader yields exactly the stage's batches,
 and loaders are rebuilt every epoch: the switch to the next sequence length is the epoch
-boundary, gradient accumulation per stage is Lightning's ``GradientAccumulationScheduler``,
-and the stage index and step-in-stage follow from the global step, which the checkpoint
-already holds. A resume therefore lands in the same stage, at the same step.
+boundary, the stage's gradient accumulation is set on the trainer as the stage starts
+(``trainer.accumulate_grad_batches``), and the stage index and step-in-stage follow from the
+global step, which the checkpoint already holds. A resume therefore lands in the same stage,
+at the same step.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class CurriculumCallback(L.Callback):
     def __init__(self, curriculum: Curriculum, checkpoint_dir: str | None = None):
         self.curriculum = curriculum
         self.checkpoint_dir = checkpoint_dir
+        self._announced: int | None = None  # the stage whose banner is logged (train and epoch start both enter)
 
     def _stage(self, trainer) -> tuple[int, Stage]:
         i, _ = self.curriculum.locate(trainer.global_step)
@@ -89,7 +91,8 @@ class CurriculumCallback(L.Callback):
         i, stage = self._stage(trainer)
         trainer.accumulate_grad_batches = stage.accumulate
         n = apply_stage_to_model(pl_module.model, stage)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and i != self._announced:
+            self._announced = i
             logger.info("curriculum stage %d/%d '%s': %d frames (%.0f s), %d steps, batch %d x accumulate %d%s",
                         i + 1, len(self.curriculum.stages), stage.name, stage.frames, stage.seconds, stage.steps,
                         stage.batch_size, stage.accumulate, f", {n} module(s) reconfigured" if n else "")
