@@ -94,11 +94,11 @@ def test_dry_run_of_the_kernel_parts(gpu_check, tmp_path, capsys):
     assert "summary: 5 PASS" in out
 
 
-def _write_metrics(run_dir: Path, attempts: list[dict[int, float]]) -> None:
+def _write_metrics(run_dir: Path, attempts: list[dict[int, float]], grad_norm: float = 0.5) -> None:
     for version, losses in enumerate(attempts):
         path = run_dir / "csv" / f"version_{version}" / "metrics.csv"
         path.parent.mkdir(parents=True)
-        lines = ["step,train/loss,train/grad_norm"] + [f"{s},{v},0.5" for s, v in losses.items()]
+        lines = ["step,train/loss,train/grad_norm"] + [f"{s},{v},{grad_norm}" for s, v in losses.items()]
         path.write_text("\n".join(lines) + "\n")
 
 
@@ -107,7 +107,7 @@ def test_resume_comparison_catches_a_diverging_or_restarted_run(gpu_check, tmp_p
     _write_metrics(tmp_path / "straight", [straight])
     _write_metrics(tmp_path / "resumed", [{0: 5.0, 1: 4.9}, {2: 4.8, 3: 4.7}])
     status, msg, data = gpu_check.compare_resume(tmp_path / "straight", tmp_path / "resumed", 4, 2, 1e-6)
-    assert status == "PASS" and data["first_resumed_step"] == 2, msg
+    assert status == "PASS" and msg == "" and data["first_resumed_step"] == 2, msg
 
     _write_metrics(tmp_path / "diverged", [{0: 5.0, 1: 4.9}, {2: 4.8, 3: 4.71}])
     status, msg, _ = gpu_check.compare_resume(tmp_path / "straight", tmp_path / "diverged", 4, 2, 1e-6)
@@ -117,6 +117,11 @@ def test_resume_comparison_catches_a_diverging_or_restarted_run(gpu_check, tmp_p
     _write_metrics(tmp_path / "restarted", [{0: 5.0, 1: 4.9}, dict(straight)])
     status, msg, _ = gpu_check.compare_resume(tmp_path / "straight", tmp_path / "restarted", 4, 2, 1e-6)
     assert status == "FAIL" and "no resume" in msg
+
+    # nothing reaches the adapters: equal losses, but it does not train
+    _write_metrics(tmp_path / "frozen", [straight], grad_norm=0.0)
+    status, msg, _ = gpu_check.compare_resume(tmp_path / "frozen", tmp_path / "resumed", 4, 2, 1e-6)
+    assert status == "FAIL" and "grad_norm" in msg
 
 
 @pytest.mark.slow
