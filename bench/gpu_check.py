@@ -644,20 +644,36 @@ def _launch(s: Settings, trainer: str, root: Path, run_name: str, steps: int, lo
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+_LAUNCHED: list[subprocess.Popen] = []  # train.py runs of this worker, each in its own process group
+
+
+def _kill_launched(*_signal) -> None:
+    """SIGTERM from the parent (budget spent): take the train.py runs (and their DDP ranks) down too."""
+    for proc in _LAUNCHED:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    if _signal:
+        os._exit(143)
+
+
 def _run_all(s: Settings, launches: list[tuple], deadline: float) -> dict:
-    """Run (key, trainer, root, run_name, steps, log) launches, ``s.concurrent_launches`` at a time;
-    key -> (exit code, seconds)."""
+    """Run (key, trainer, root, run_name, steps, log) launches, ``s.concurrent_launches`` at a time,
+    until ``deadline`` (``time.time()``); key -> (exit code or "timeout", seconds)."""
     pending, running, results = list(launches), {}, {}
     while pending or running:
         while pending and len(running) < s.concurrent_launches:
             key, *spec = pending.pop(0)
-            running[key] = (_launch(s, *spec), time.perf_counter())
+            proc = _launch(s, *spec)
+            _LAUNCHED.append(proc)
+            running[key] = (proc, time.perf_counter())
         for key, (proc, t0) in list(running.items()):
             if proc.poll() is not None:
                 results[key] = (proc.returncode, time.perf_counter() - t0)
                 del running[key]
-            elif time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
+            elif time.time() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 results[key] = ("timeout", time.perf_counter() - t0)
                 del running[key]
@@ -707,8 +723,9 @@ def compare_resume(straight_dir: Path, resumed_dir: Path, steps: int, cut: int, 
     return "PASS", "" if grad_norms else "no train/grad_norm logged", data
 
 
-def part_lightning(s: Settings, cases: list[dict], events: Events, out_dir: Path) -> None:
-    deadline = time.monotonic() + s.budgets[4] - 5  # the parent's limit is the budget
+def part_lightning(s: Settings, cases: list[dict], events: Events, out_dir: Path, deadline: float) -> None:
+    deadline -= 10  # stop the runs ourselves, before the parent stops this worker
+    signal.signal(signal.SIGTERM, _kill_launched)
     base = out_dir / "part4"
     for case in cases:
         events.write(event="start", case=case["id"])
@@ -730,8 +747,11 @@ def part_lightning(s: Settings, cases: list[dict], events: Events, out_dir: Path
         wall = sum(sec for _, sec in runs.values())
         if bad:
             name, rc = bad[0]
-            status = "TIMEOUT" if rc == "timeout" else "FAIL"
-            events.row(Row(4, label, status, note=f"{name} run exit {rc}: {_log_tail(base / t / f'{name}.log')}"))
+            if rc == "timeout":
+                events.row(Row(4, label, "TIMEOUT", note=f"{name} run stopped after {runs[name][1]:.0f} s: part budget "
+                                                         f"spent (log: {base / t / f'{name}.log'})"))
+            else:
+                events.row(Row(4, label, "FAIL", note=f"{name} run exit {rc}: {_log_tail(base / t / f'{name}.log')}"))
         else:
             status, msg, data = compare_resume(base / t / "straight" / "runs" / "straight",
                                                base / t / "cut" / "runs" / "cut", s.train_steps, s.cut_step,
@@ -830,7 +850,7 @@ def run_worker(spec: dict) -> None:
     elif part == 3:
         part_ttt_layer(s, cases, events)
     elif part == 4:
-        part_lightning(s, cases, events, Path(spec["out_dir"]))
+        part_lightning(s, cases, events, Path(spec["out_dir"]), spec["deadline"])
     elif part == 5:
         part_streaming(s, cases, events)
 
@@ -862,7 +882,7 @@ def run_part(part: int, s: Settings, out_dir: Path) -> list[Row]:
         events.path.unlink(missing_ok=True)  # a previous gpu_check's events in the same --out
         log = logs / f"part{part}-{attempt}.log"
         spec = {"part": part, "cases": remaining, "settings": asdict(s), "events": str(events.path),
-                "out_dir": str(out_dir)}
+                "out_dir": str(out_dir), "deadline": time.time() + left}
         spec_path = logs / f"part{part}-{attempt}.spec.json"
         spec_path.write_text(json.dumps(spec))
         timed_out = False
@@ -872,8 +892,12 @@ def run_part(part: int, s: Settings, out_dir: Path) -> list[Row]:
             try:
                 rc = proc.wait(timeout=left)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the worker and what it started (train.py runs)
-                rc = proc.wait()
+                os.killpg(proc.pid, signal.SIGTERM)  # part 4's worker takes its train.py runs down with it
+                try:
+                    rc = proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    rc = proc.wait()
                 timed_out = True
         seen = events.read()
         started = [e["case"] for e in seen if e["event"] == "start"]
