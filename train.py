@@ -6,10 +6,14 @@ A bad setting stops before any compute with one line naming the key and exit sta
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from moshi_ttt import signals
 
-from moshi_ttt.config.errors import exit_on_bad_setting, run_cli
+signals.arm("SIGUSR1")  # SLURM's early warning may come while torch is still importing
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from moshi_ttt.config.errors import exit_on_bad_setting, run_cli  # noqa: E402
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
