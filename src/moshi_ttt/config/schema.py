@@ -116,6 +116,9 @@ class DataConfig:
     """Validation batches per validation run."""
     synthetic: SyntheticConfig | None = None
     """When set, synthetic shards are generated into train_shards before training."""
+    verify_checksums: bool = True
+    """Check each shard's sha256 against index.json when a process first opens it (a mismatch is skipped
+    and counted); false skips the check (one extra read of each shard per process)."""
 
 
 @dataclass
@@ -214,6 +217,16 @@ class PathsConfig:
 
 
 @dataclass
+class ResumeConfig:
+    """What a resume may change (moshi_ttt.training.resume_config)."""
+
+    allow_config_change: bool = False
+    """Resume although the checkpoint was trained with different result-changing settings (optimizer, LR,
+    curriculum, data, model/variant, seed, loss); the run logs every change. false: such a resume fails
+    before training and names the keys."""
+
+
+@dataclass
 class TrainConfig:
     """``python train.py``: the root of the config."""
 
@@ -224,6 +237,7 @@ class TrainConfig:
     ckpt_path: str | None = "last"
     """last: resume from <run_dir>/checkpoints/last.ckpt when it exists; a path: resume from it (a path that
     does not exist yet starts fresh); null: never resume."""
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -106,6 +106,32 @@ class RunConfigCallback(L.Callback):
         checkpoint[self.KEY] = copy.deepcopy(self.config)
 
 
+class MetricsRowAtCheckpoint(L.Callback):
+    """Writes the current step's CSV row when a checkpoint covering that step is saved.
+
+    Lightning logs a step's row after every ``on_train_batch_end`` hook, where checkpoints are
+    written: a hard kill in between would lose a row that no resumed run logs again (it starts
+    after the checkpointed step). The early row holds what the step logged so far; Lightning's
+    complete row follows under the same step, and readers merge rows by step.
+    """
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        connector = trainer._logger_connector
+        csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+        if not csv_loggers or not trainer.training or connector._first_loop_iter is None or trainer._results is None:
+            return
+        row = {k: float(v) for k, v in connector.metrics["log"].items() if getattr(v, "numel", lambda: 1)() == 1}
+        if not row:
+            return
+        row["epoch"] = trainer.current_epoch
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's own row will use
+        for lg in csv_loggers:
+            lg.log_metrics(row, step=step)
+            lg.save()
+
+
 class PlainProgressLogger(L.Callback):
     """Periodic one-line progress for non-interactive logs (SLURM), where bars are noise."""
 

@@ -10,6 +10,7 @@ at the same step.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,20 @@ class Curriculum:
             start += stage.steps
         return len(self.stages) - 1, self.stages[-1].steps
 
+    def stage_of_epoch(self, epoch: int, global_step: int) -> tuple[int, int]:
+        """(stage index, optimizer steps left in it) for Lightning's epoch ``epoch``.
+
+        One stage is one epoch. Right after a stage's last step (a stage-end checkpoint) the
+        global step already points at the next stage while Lightning is still finishing the
+        stage's epoch: that epoch must see its own stage, with 0 steps left, or the restored
+        epoch would be given the next stage's length and data.
+        """
+        start = sum(s.steps for s in self.stages[:epoch])
+        if epoch < len(self.stages) and start <= global_step <= start + self.stages[epoch].steps:
+            return epoch, start + self.stages[epoch].steps - global_step
+        i, k = self.locate(global_step)  # epochs out of step with stages (older checkpoints)
+        return i, self.stages[i].steps - k
+
     def lr_multiplier(self, global_step: int, base_lr: float) -> float:
         from moshi_ttt.training.module import warmup_cosine
 
@@ -77,12 +92,69 @@ class CurriculumCallback(L.Callback):
         self._announced: int | None = None  # the stage whose banner is logged (train and epoch start both enter)
 
     def _stage(self, trainer) -> tuple[int, Stage]:
-        i, _ = self.curriculum.locate(trainer.global_step)
+        i, _ = self.curriculum.stage_of_epoch(trainer.current_epoch, trainer.global_step)
         return i, self.curriculum.stages[i]
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Resume exactly from a checkpoint written right after a stage's last batch.
+
+        Such a checkpoint (the stage-end one, a step or preemption checkpoint that falls on the
+        stage end, ``last.ckpt`` at that moment) is written before the stage's validation and
+        epoch end. Lightning restores it by closing the epoch and starting the next one, but
+        decides whether the new epoch is "already full" by comparing the batches counted in the
+        old stage with the length of the *next* stage's loader: stages of different lengths then
+        start mid-way (a step replayed, the epoch counter off by one). Counting the next stage's
+        length makes Lightning start the next stage cleanly; the validation the checkpoint
+        preceded is run at train start (``_validate_finished_stage``).
+        """
+        fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        batches = fit.get("epoch_loop.batch_progress")
+        ends = list(itertools.accumulate(s.steps for s in self.curriculum.stages))
+        step = int(checkpoint.get("global_step", -1))
+        if (batches and step > 0 and not batches.get("is_last_batch")
+                and batches["total"]["completed"] == batches["total"]["processed"] > 0):
+            # Written inside the step's validation (ModelCheckpoint re-saving last.ckpt after the
+            # validation Lightning runs when a run is told to stop, e.g. preemption): restore it as
+            # the batch-end checkpoint of the same step, which Lightning resumes exactly.
+            for progress in (batches["total"], batches["current"]):
+                progress["completed"] -= 1
+            fit.setdefault("epoch_loop.state_dict", {})["_batches_that_stepped"] = step - 1
+            return
+        if not batches or not batches.get("is_last_batch") or step not in ends[:-1]:
+            return
+        if batches["total"]["completed"] != batches["total"]["processed"] - 1:
+            return  # written after the batch (at validation or epoch end): Lightning resumes it as it is
+        nxt = self.curriculum.stages[ends.index(step) + 1]
+        n = nxt.steps * nxt.accumulate
+        batches["current"] = {"ready": n, "started": n, "processed": n, "completed": n - 1}
+        self._validate_on_start = True
+
+    def _validate_finished_stage(self, trainer) -> None:
+        """Run the validation that the restored checkpoint was written before (logged at its step)."""
+        from lightning.pytorch.trainer import call
+
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        if not trainer.enable_validation:
+            return
+        first = trainer._logger_connector._first_loop_iter
+        epoch = trainer.fit_loop.epoch_progress.current
+        epoch.completed -= 1  # Lightning already counts the finished stage's epoch: log under it, as it was
+        trainer.validating = True
+        loop.restarting = False
+        try:
+            call._call_lightning_module_hook(trainer, "on_validation_model_zero_grad")
+            loop.run()
+        finally:
+            epoch.completed += 1
+            trainer.training = True
+            trainer._logger_connector._first_loop_iter = first
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning skips on_train_epoch_start when it resumes mid-epoch: apply the stage here too.
         self._enter_stage(trainer, pl_module)
+        if getattr(self, "_validate_on_start", False):
+            self._validate_on_start = False
+            self._validate_finished_stage(trainer)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._enter_stage(trainer, pl_module)
@@ -101,14 +173,13 @@ class CurriculumCallback(L.Callback):
         i, k = self.curriculum.locate(max(trainer.global_step - 1, 0))
         pl_module.log("curriculum/stage", float(i), batch_size=1)
         pl_module.log("curriculum/step_in_stage", float(k + 1), batch_size=1)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.checkpoint_dir is None:
-            return
-        i, k = self.curriculum.locate(max(trainer.global_step - 1, 0))
         stage = self.curriculum.stages[i]
-        if k + 1 != stage.steps:
-            return  # the epoch ended early (max_steps / interruption), not at the stage's end
+        if self.checkpoint_dir is None or trainer.fit_loop._should_accumulate() or k + 1 != stage.steps:
+            return
+        # The stage-end checkpoint is written here, after the stage's last optimizer step, and
+        # not at on_train_epoch_end: Lightning restores a batch-end checkpoint exactly (it then
+        # runs the stage's validation and moves to the next epoch), while an epoch-end one
+        # restarts with half-advanced epoch counters (one step replayed, validation skipped).
         path = Path(self.checkpoint_dir) / f"stage{i}-{stage.name}-end.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
         trainer.save_checkpoint(Path(self.checkpoint_dir) / "last.ckpt", weights_only=False)

@@ -36,6 +36,7 @@ class TokenDataModule(L.LightningDataModule):
         min_frames: int = 1,
         val_batches: int = 2,
         synthetic: dict | None = None,
+        verify_checksums: bool = True,
     ):
         super().__init__()
         if seq_len is None or int(seq_len) <= 0:
@@ -54,6 +55,7 @@ class TokenDataModule(L.LightningDataModule):
         self.min_frames = min_frames
         self.val_batches = val_batches
         self.synthetic = dict(synthetic) if synthetic else None
+        self.verify_checksums = bool(verify_checksums)  # sha256 of index.json, once per shard and process
         # rank -> {stream -> StreamPosition}, and batches consumed per rank (same on every rank)
         self.positions: dict[int, dict[int, StreamPosition]] = {}
         self.local_positions: dict[int, StreamPosition] = {}
@@ -98,28 +100,46 @@ class TokenDataModule(L.LightningDataModule):
             return self.trainer.global_rank, self.trainer.world_size
         return 0, 1
 
-    def stage_settings(self) -> tuple[int, int, bool, tuple[int, int] | None]:
-        """(seq_len, batch_size, packing, (batches left, batches in the stage) or None if endless)."""
+    def vocabulary(self) -> dict:
+        """The model's token ranges (``card``, ``text_card``), so a sample outside them is skipped."""
+        model = getattr(self.trainer.lightning_module, "model", None) if self.trainer is not None else None
+        return {"card": getattr(model, "card", None), "text_card": getattr(model, "text_card", None)}
+
+    def stage_settings(self, for_validation: bool = False) -> tuple[int, int, bool, tuple[int, int] | None]:
+        """(seq_len, batch_size, packing, (batches left, batches in the stage) or None if endless).
+
+        Training follows Lightning's epoch (one stage per epoch, see ``Curriculum.stage_of_epoch``);
+        validation measures the stage of the last finished step, whenever the loader is built.
+        """
         if not self.curriculum:
             self.reset_at_boundaries = True
             return self.seq_len, self.batch_size, self.packing, None
         step = self.trainer.global_step if self.trainer is not None else 0
-        i, k = self.curriculum.locate(step)
+        if for_validation:
+            i, left = self.curriculum.locate(max(step - 1, 0))[0], 0
+        else:
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            i, left = self.curriculum.stage_of_epoch(epoch, step)
         stage = self.curriculum.stages[i]
         self.reset_at_boundaries = stage.reset_at_boundaries
-        return stage.frames, stage.batch_size, stage.packing, ((stage.steps - k) * stage.accumulate,
+        return stage.frames, stage.batch_size, stage.packing, (left * stage.accumulate,
                                                                stage.steps * stage.accumulate)
 
     def train_dataloader(self):
         rank, world = self._rank_world()
         workers = max(1, self.num_workers)
         seq_len, batch_size, packing, stage_batches = self.stage_settings()
+        if stage_batches is not None:
+            logger.info("train loader for epoch %d at step %d: %d frames, %d of the stage's %d batches left",
+                        self.trainer.current_epoch if self.trainer is not None else 0,
+                        self.trainer.global_step if self.trainer is not None else 0, seq_len, *stage_batches)
         ds = TokenSequenceDataset(
             self.train_shards, seq_len, seed=self.seed, rank=rank, world_size=world,
             resampled=self.resampled, shuffle_buffer=self.shuffle_buffer, random_crop=self.random_crop,
             min_frames=self.min_frames, positions=self.positions.get(rank, {}),
             worker_rotation=self.batches_consumed % workers, packing=packing,
-            reset_at_boundaries=self.reset_at_boundaries,
+            reset_at_boundaries=self.reset_at_boundaries, verify_checksums=self.verify_checksums,
+            **self.vocabulary(),
         )
         ds.check_streams(self.num_workers)
         # Positions persist across stages: a new stage continues the streams where they are.
@@ -136,10 +156,16 @@ class TokenDataModule(L.LightningDataModule):
     def val_dataloader(self):
         if not self.val_shards:
             return []
+        return _LazyLoader(self._val_loader, self.val_batches)
+
+    def _val_loader(self):
+        # Built when validation starts, not when Lightning reloads loaders: a resumed run and an
+        # uninterrupted one then validate the same stage on the same sequences.
         rank, world = self._rank_world()
-        seq_len, batch_size, _, _ = self.stage_settings()
+        seq_len, batch_size, _, _ = self.stage_settings(for_validation=True)
         ds = TokenSequenceDataset(self.val_shards, seq_len, seed=12345, rank=rank, world_size=world,
-                                  resampled=True, random_crop=False, shuffle_buffer=1)
+                                  resampled=True, random_crop=False, shuffle_buffer=1,
+                                  verify_checksums=self.verify_checksums, **self.vocabulary())
         return _Take(DataLoader(ds, batch_size=batch_size, num_workers=0), self.val_batches)
 
     # ---- position bookkeeping ------------------------------------------------------------
@@ -170,10 +196,25 @@ class _Take:
         self.length = n if length is None else length
 
     def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i >= self.n:
-                break
+        if self.n <= 0:  # a stage restored at its end: not even an iterator (it would draw a seed)
+            return
+        for i, batch in enumerate(self.loader, 1):
             yield batch
+            if i >= self.n:  # stop without reading a batch that nobody will use
+                break
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _LazyLoader:
+    """A loader of known length that is built by ``make()`` each time it is iterated."""
+
+    def __init__(self, make, length: int):
+        self.make, self.length = make, length
+
+    def __iter__(self):
+        return iter(self.make())
 
     def __len__(self) -> int:
         return self.length

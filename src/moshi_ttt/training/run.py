@@ -15,32 +15,57 @@ from omegaconf import DictConfig, OmegaConf
 
 from moshi_ttt.config.validate import validate_config
 from moshi_ttt.models.build import build_model
-from moshi_ttt.training.callbacks import RunConfigCallback
+from moshi_ttt.training.callbacks import MetricsRowAtCheckpoint, RunConfigCallback
 from moshi_ttt.training.checkpointing import AtomicCheckpointIO
 from moshi_ttt.training.cpu_runtime import tune_cpu_runtime
 from moshi_ttt.training.curriculum import Curriculum, CurriculumCallback
 from moshi_ttt.training.deepspeed_strategy import previous_checkpoint
 from moshi_ttt.training.loss import LossConfig
 from moshi_ttt.training.module import MoshiTTTModule, OptimConfig
+from moshi_ttt.training.preemption import requeue_if_preempted
+from moshi_ttt.training.resume_config import check_resume_config
+from moshi_ttt.training.rundir import (
+    RunLock,
+    is_launching_process,
+    load_checkpoint_file,
+    name_multirun_job,
+    newest_loadable_checkpoint,
+    remove_temp_files,
+)
 
 logger = logging.getLogger("moshi_ttt")
 
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | os.PathLike) -> str | None:
+def find_resume_checkpoint(ckpt_path: str | None, run_dir: str | os.PathLike) -> tuple[str | None, dict | None]:
+    """(checkpoint to resume from, its contents), or (None, None) to start fresh.
+
+    ``last`` takes ``last.ckpt``, else (missing or damaged: a kill during its first write, a
+    truncated copy) the newest checkpoint of the run that loads; an explicit path must load.
+    """
     if ckpt_path in (None, "", "none", "null"):
-        return None
+        return None, None
     if ckpt_path == "last":
         last = Path(run_dir) / "checkpoints" / "last.ckpt"
-        for candidate in (last, previous_checkpoint(last)):  # .old: a DeepSpeed save was cut short
-            if candidate.exists():
-                logger.info("resuming from %s", candidate)
-                return str(candidate)
-        logger.info("no checkpoint at %s: starting fresh", last)
-        return None
-    if not Path(ckpt_path).exists():
-        logger.info("ckpt_path=%s does not exist yet: starting fresh", ckpt_path)
-        return None
-    logger.info("resuming from %s", ckpt_path)
-    return str(ckpt_path)
+        # .old: a DeepSpeed save was cut short
+        found = newest_loadable_checkpoint([last, previous_checkpoint(last)], last.parent)
+        if found is None:
+            logger.info("no checkpoint at %s: starting fresh", last)
+            return None, None
+        path, content = found
+    else:
+        path = Path(ckpt_path)
+        if not path.exists():
+            logger.info("ckpt_path=%s does not exist yet: starting fresh", ckpt_path)
+            return None, None
+        try:
+            content = load_checkpoint_file(path)
+        except Exception as exn:  # noqa: BLE001 - named for the user, whatever the reader raised
+            raise ValueError(f"ckpt_path={ckpt_path} cannot be loaded ({type(exn).__name__}: {exn})") from exn
+    logger.info("resuming from %s", path)
+    return str(path), content
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | os.PathLike) -> str | None:
+    return find_resume_checkpoint(ckpt_path, run_dir)[0]
 
 
 def _quiet_expected_warnings() -> None:
@@ -81,7 +106,7 @@ def build_trainer(cfg: DictConfig, curriculum: Curriculum | None = None, **overr
     if SLURMEnvironment.detect():
         # PreemptionCallback owns requeue; Lightning's own handler would requeue a second time.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    callbacks.append(RunConfigCallback(OmegaConf.to_container(cfg, resolve=True)))
+    callbacks += [RunConfigCallback(OmegaConf.to_container(cfg, resolve=True)), MetricsRowAtCheckpoint()]
     kwargs = dict(callbacks=callbacks, logger=loggers or False, plugins=plugins, enable_progress_bar=interactive)
     if curriculum:
         # One stage = one epoch with its own loader; accumulation follows the stage.
@@ -119,12 +144,32 @@ def train(cfg: DictConfig) -> dict:
     """Validate, build, fit (resuming when a checkpoint exists); returns a summary."""
     _setup_logging()
     _quiet_expected_warnings()
+    name_multirun_job(cfg)
     validate_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     curriculum = build_curriculum(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.curriculum = curriculum
     datamodule.validate()
+    # One live run per run directory: the launching process holds the lock until fit returns.
+    lock = RunLock(run_dir).acquire() if is_launching_process() else None
+    try:
+        summary, trainer = _train(cfg, run_dir, curriculum, datamodule, owner=lock is not None)
+    finally:
+        if lock is not None:
+            lock.release()
+    requeue_if_preempted(trainer)  # last: Slurm ends the process as it requeues the job
+    return summary
+
+
+def _train(cfg: DictConfig, run_dir: Path, curriculum: Curriculum, datamodule, owner: bool) -> tuple[dict, L.Trainer]:
+    if owner:
+        remove_temp_files(run_dir / "checkpoints")
+    ckpt, content = find_resume_checkpoint(cfg.ckpt_path, run_dir)
+    if content is not None:
+        check_resume_config(content, OmegaConf.to_container(cfg, resolve=True), ckpt,
+                            bool(OmegaConf.select(cfg, "resume.allow_config_change", default=False)))
+        del content
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     tune_cpu_runtime(cpu_training=OmegaConf.select(cfg, "trainer.accelerator") == "cpu")
@@ -135,7 +180,6 @@ def train(cfg: DictConfig) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    ckpt = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     _finish_wandb(trainer)
 
@@ -152,7 +196,7 @@ def train(cfg: DictConfig) -> dict:
         logger.info("done: %d steps, train/loss %.4f, checkpoints in %s", trainer.global_step,
                     metrics.get("train/loss", float("nan")), summary["checkpoint_dir"])
         print(format_summary(summary, curriculum), flush=True)
-    return summary
+    return summary, trainer
 
 
 def format_summary(summary: dict, curriculum: Curriculum | None = None) -> str:

@@ -1,0 +1,72 @@
+"""A resume continues the run it resumes: refuse a config that would train something else.
+
+Every checkpoint holds the resolved run config (``moshi_ttt_config``). Resuming under a
+config that differs in anything that changes what is trained (optimizer, learning rates,
+curriculum, data, model and variant settings, seed, loss) would silently splice two different
+runs into one curve, so it fails before training and names the keys, unless
+``resume.allow_config_change=true``, in which case the run logs every change. Keys that only
+say where a run writes, how it logs or on how many devices it runs are not compared.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("moshi_ttt")
+
+# Prefixes (dotted) of keys that may change between attempts of one run.
+NOT_COMPARED = (
+    "run_name", "ckpt_path", "resume", "paths", "logger", "callbacks", "hydra",
+    "model.device",
+    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accelerator", "trainer.max_steps",
+    "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.default_root_dir", "trainer.val_check_interval", "trainer.check_val_every_n_epoch",
+    "trainer.limit_val_batches", "trainer.num_sanity_val_steps",
+)
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out if out or not prefix else {prefix: {}}
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        out = {}
+        for i, value in enumerate(obj):
+            out.update(_flatten(value, f"{prefix}.{i}"))
+        return out
+    return {prefix: list(obj) if isinstance(obj, tuple) else obj}
+
+
+def _compared(key: str) -> bool:
+    return not any(key == p or key.startswith(p + ".") for p in NOT_COMPARED)
+
+
+_MISSING = "<absent>"
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """dotted key -> (checkpoint's value, this run's value) for every compared key that differs."""
+    old, new = _flatten(saved), _flatten(current)
+    return {k: (old.get(k, _MISSING), new.get(k, _MISSING)) for k in sorted(set(old) | set(new))
+            if _compared(k) and old.get(k, _MISSING) != new.get(k, _MISSING)}
+
+
+def check_resume_config(checkpoint: dict, current: dict, ckpt_path: str, allow_change: bool) -> dict[str, tuple]:
+    """Raise (naming the keys) when resuming ``checkpoint`` under ``current`` changes the result."""
+    saved = checkpoint.get("moshi_ttt_config")
+    if saved is None:
+        logger.warning("%s holds no run config (written before configs were saved): not compared", ckpt_path)
+        return {}
+    changes = config_changes(saved, current)
+    if not changes:
+        return changes
+    listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+    if not allow_change:
+        raise ValueError(
+            f"resuming {ckpt_path} with a different config would mix two runs: {listing}. Use the checkpoint's "
+            "settings, another run_name (a new run), or resume.allow_config_change=true to continue with the change"
+        )
+    logger.warning("resume.allow_config_change=true: continuing %s with changed settings: %s", ckpt_path, listing)
+    return changes
