@@ -66,11 +66,14 @@ def test_dry_run_of_the_model_parts_and_a_failing_variant_does_not_stop_the_rest
         assert r["data"]["peak_gib"] is None  # no CUDA allocator on the CPU
         plans.append(r["data"]["plan"]["memory_gib"])
     assert 0 < plans[0] < plans[1] < plans[2]
-    # 5: LMGen streams every variant that builds, with and without CUDA graphs
-    for case in ("none", "pre_attention", "none+cuda_graphs"):
+    # 5: LMGen streams every variant that builds, without and with CUDA graphs (both eager on the
+    # CPU: the same tokens); the TTT branch's zero-initialised output is opened so that it counts
+    for case in ("none", "pre_attention"):
         r = rows[(5, case)]
         assert r["status"] in ok, r
-        assert r["data"]["frames_per_s"] > 0 and "real time" in r["ratio"]
+        assert r["data"]["eager_frames_per_s"] > 0 and r["data"]["graphs_frames_per_s"] > 0
+        assert r["data"]["graphs_token_agreement"] == 1.0 and "real time" in r["ratio"]
+    assert rows[(5, "none")]["data"]["opened_adapters"] == 0 < rows[(5, "pre_attention")]["data"]["opened_adapters"]
     assert "pre_attention T=96" in out and "summary:" in out and "2 FAIL" in out
 
 
