@@ -76,3 +76,16 @@ def test_infer_names_a_bad_input_file(run_dir, tmp_path, capsys, content, messag
     err = capsys.readouterr().err
     assert str(wav) in err and message in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_channel_of_a_stereo_input_is_the_user(tmp_path):
+    from moshi_ttt.serving.offline import read_user_audio
+
+    wav = tmp_path / "stereo.wav"
+    sf.write(str(wav), _tone(1.0, 24000, 2), 24000)
+    mixed, info = read_user_audio(wav)
+    right, _ = read_user_audio(wav, channel=1)
+    assert abs(np.abs(mixed).max() - 0.75 * 0.3) < 0.01 and abs(np.abs(right).max() - 0.5 * 0.3) < 0.01
+    assert info["channels"] == 2 and info["channel_used"] == "mix"
+    with pytest.raises(ValueError, match="--channel 2 but the file has 2 channel"):
+        read_user_audio(wav, channel=2)

@@ -1,6 +1,6 @@
 """``python -m moshi_ttt.infer MODEL --input user.wav --out DIR``: an offline conversation with a trained model.
 
-The user's recording (any sample rate; stereo is mixed to mono) is streamed to the model
+The user's recording (any sample rate; stereo is mixed to mono, or ``--channel N`` picks one) is streamed to the model
 frame by frame, as the live server would (LMGen, TTT memory carried through the whole
 conversation). DIR gets:
 
@@ -11,7 +11,8 @@ conversation). DIR gets:
 
 Example (after ``make demo``)::
 
-    python -m moshi_ttt.infer outputs/runs/demo --input data/generated/demo/audio/dialogue_0000.wav --out x/
+    python -m moshi_ttt.infer outputs/runs/demo --input data/generated/demo/audio/dialogue-0000.wav \\
+        --channel 1 --out x/
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     add_model_args(p)
     p.add_argument("--input", required=True, help="the user's audio (wav/flac/ogg, mono or stereo, any rate)")
+    p.add_argument("--channel", type=int, default=None,
+                   help="use this channel of the input as the user (e.g. 1: the user side of a moshi-finetune "
+                   "stereo file); default: all channels mixed")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a directory")
-        user, info = read_user_audio(args.input)
+        user, info = read_user_audio(args.input, args.channel)
         device = device_of(args)
         sampling = sampling_kwargs(args)
         loaded = load_from_args(args, device)

@@ -22,8 +22,9 @@ from moshi_ttt.data.audio import SAMPLE_RATE, resample
 PADDING_IDS = (0, 3)  # moshi's end-of-text and text padding
 
 
-def read_user_audio(path: str | Path) -> tuple[np.ndarray, dict]:
-    """Mono float32 at 24 kHz (channels averaged) and what the file was; errors name the file."""
+def read_user_audio(path: str | Path, channel: int | None = None) -> tuple[np.ndarray, dict]:
+    """Mono float32 at 24 kHz (``channel``, or all channels averaged) and what the file was;
+    errors name the file."""
     import soundfile as sf
 
     path = Path(path)
@@ -37,9 +38,12 @@ def read_user_audio(path: str | Path) -> tuple[np.ndarray, dict]:
         raise ValueError(f"--input {path}: the file holds no audio samples")
     if not np.isfinite(data).all():
         raise ValueError(f"--input {path}: {int((~np.isfinite(data)).sum())} NaN/Inf samples")
-    mono = resample(np.ascontiguousarray(data.mean(axis=1))[None], int(rate), SAMPLE_RATE)[0]
+    if channel is not None and not 0 <= channel < data.shape[1]:
+        raise ValueError(f"--input {path}: --channel {channel} but the file has {data.shape[1]} channel(s)")
+    picked = data.mean(axis=1) if channel is None else data[:, channel]
+    mono = resample(np.ascontiguousarray(picked)[None], int(rate), SAMPLE_RATE)[0]
     info = {"path": str(path), "sample_rate": int(rate), "channels": int(data.shape[1]),
-            "seconds": data.shape[0] / rate}
+            "channel_used": "mix" if channel is None else channel, "seconds": data.shape[0] / rate}
     return mono.astype(np.float32), info
 
 
