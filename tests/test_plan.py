@@ -100,7 +100,10 @@ def test_checkpointing_and_smaller_batches_lower_the_estimate():
     base = _totals("deepspeed_zero3")
     no_ckpt = _totals("deepspeed_zero3", "model.gradient_checkpointing=false")
     dep_ckpt = _totals("deepspeed_zero3", "+model.lm_kwargs.gradient_checkpointing=true")
-    assert no_ckpt[-1].activations > base[-1].activations > dep_ckpt[-1].activations
+    no_dep = _totals("deepspeed_zero3", "model.gradient_checkpointing=false", "+model.lm_kwargs.gradient_checkpointing=true")
+    # build_model checkpoints the depformer with the transformer: the planner counts what it builds
+    assert no_ckpt[-1].activations > base[-1].activations == dep_ckpt[-1].activations
+    assert no_ckpt[-1].activations > no_dep[-1].activations
     small = _totals("deepspeed_zero3", "curriculum.stages.0.batch_size=1")
     assert small[0].activations < base[0].activations
     more = _totals("deepspeed_zero3", gpus=16)
