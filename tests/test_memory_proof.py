@@ -28,7 +28,7 @@ def test_memory_proof_runs_every_variant(tmp_path, capsys):
     assert result["in_window_reach"] < 16 and set(result["timings"]) >= {"base", *VARIANTS}
     assert (tmp_path / "recall_vs_delay.png").stat().st_size > 1000
     assert "| cache_replacement_kv_slots | 3 |" in capsys.readouterr().out
-    assert (tmp_path / "memory_proof.md").read_text().count("\n| ") == 2 * len(names) + 1
+    assert (tmp_path / "memory_proof.md").read_text().count("\n| ") == 2 * len(names) + 2  # + header and rule
 
 
 def test_delays_put_the_pairs_where_the_table_says():

@@ -95,9 +95,22 @@ def _save_timing(out: Path, name: str, seconds: float) -> None:
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
 
 
+def _trained(frozen: dict, ttt_cfg: dict, ckpt: Path):
+    """The frozen base with the variant's TTT layers and the weights its run trained."""
+    from moshi_ttt.models import build_model
+
+    model = build_model(frozen, ttt_cfg)
+    state = {k.removeprefix("model."): v for k, v in torch.load(ckpt, weights_only=False)["state_dict"].items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise ValueError(f"{ckpt}: holds {sorted(set(state) ^ trainable)[:5]} that do not match the variant's TTT "
+                         "parameters (rerun without --reuse)")
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
 def run(args) -> dict:
-    from moshi_ttt.export import export
-    from moshi_ttt.models import build_model, load_exported, save_base_checkpoint
+    from moshi_ttt.models import build_model, save_base_checkpoint
     from moshi_ttt.training import train
 
     out = Path(args.out).resolve()
@@ -143,7 +156,8 @@ def run(args) -> dict:
               "oracle": build_model(frozen, {"variant": "none", "attention_window": longest})}
     short = _spec([inside], args.pairs).frames()
     for variant in args.variants:
-        if not (args.reuse and (out / "export" / variant / "config.json").exists()):
+        ckpt, ttt_file = out / "runs" / variant / "checkpoints" / "last.ckpt", out / "ttt" / f"{variant}.json"
+        if not (args.reuse and ckpt.exists() and ttt_file.exists()):
             t = time.perf_counter()
             warm = max(1, args.variant_steps // 10)
             fill = {"w": W, "wb": W - args.mini_batch, "b": args.mini_batch}
@@ -158,9 +172,12 @@ def run(args) -> dict:
                 f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
             ])
             summary = train(cfg)
-            export(Path(summary["checkpoint_dir"]) / "last.ckpt", out / "export" / variant)
+            ckpt = Path(summary["checkpoint_dir"]) / "last.ckpt"
+            ttt_file.parent.mkdir(exist_ok=True)
+            ttt_file.write_text(json.dumps({"ckpt": str(ckpt), "ttt": OmegaConf.to_container(cfg.ttt, resolve=True)}))
             _save_timing(out, variant, time.perf_counter() - t)
-        models[variant] = load_exported(out / "export" / variant)
+        saved = json.loads(ttt_file.read_text())
+        models[variant] = _trained(frozen, saved["ttt"], Path(saved["ckpt"]))
 
     # 3. score every model on every set; late loss: the query block of each set.
     rows = []
