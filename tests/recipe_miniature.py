@@ -2,7 +2,8 @@
 run on a CPU is overridden, so every other key of the recipe runs here first.
 
 Overridden: the model (tiny, with 3 layers so the recipe's ``ttt.layers: [-3, -2, -1]`` selects
-them all; gradient checkpointing and every TTT setting kept), the data (synthetic shards), the
+them all; gradient checkpointing and every TTT setting kept), the codec of the audio samples
+(a tiny Mimi and tokenizer instead of the model repo's; shorter samples), the data (synthetic shards), the
 trainer (DeepSpeed on 2 CPU processes), the stages' lengths/steps/batches (same packing and
 reset policy), and the logger's mode (W&B offline, as the test environment sets).
 """
@@ -38,13 +39,20 @@ def stage_of_step(step: int, shapes=STAGE_SHAPES) -> int:
     raise ValueError(step)
 
 
-def miniature_overrides(trainer: str | None = "deepspeed_cpu_sim", shapes=STAGE_SHAPES) -> list[str]:
-    """``python train.py`` arguments after ``experiment=moshiko_ttt_30min``. ``trainer=None``
-    leaves the trainer to the caller (the sbatch script sets it from MOSHI_TTT_TRAINER)."""
+def miniature_overrides(codec_dir, trainer: str | None = "deepspeed_cpu_sim", shapes=STAGE_SHAPES) -> list[str]:
+    """``python train.py`` arguments after ``experiment=moshiko_ttt_30min``. ``codec_dir`` holds a
+    tiny Mimi and tokenizer (``serve_model.make_dataset_dir``) for the recipe's audio samples.
+    ``trainer=None`` leaves the trainer to the caller (the sbatch script reads MOSHI_TTT_TRAINER)."""
     out = [
         "model=tiny",
         "model.gradient_checkpointing=true",
         "model.lm_kwargs.num_layers=3",
+        "model.lm_kwargs.text_card=320",  # the tiny tokenizer's pieces
+        f"callbacks.audio_samples.mimi={codec_dir}/mimi",
+        f"callbacks.audio_samples.tokenizer={codec_dir}/tokenizer.model",
+        "callbacks.audio_samples.every_n_steps=1",
+        "callbacks.audio_samples.frames=40",
+        "callbacks.audio_samples.prompt_frames=20",
         "data=synthetic",
         "data.val_shards=${data.train_shards}",
         "data.val_batches=1",

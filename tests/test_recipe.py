@@ -13,6 +13,7 @@ import pytest
 
 from helpers import read_metric
 from recipe_miniature import STAGE_SHAPES, miniature_overrides, stage_of_step, total_steps
+from serve_model import make_dataset_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,13 +25,15 @@ def test_recipe_composes_with_the_real_model_settings(compose_cfg):
     assert [bool(s.packing) for s in cfg.curriculum.stages] == [False, True, True]
     assert "DeepSpeed" in cfg.trainer.strategy._target_
     assert "wandb" in cfg.logger
+    assert cfg.callbacks.audio_samples.mimi == "kyutai/moshiko-pytorch-bf16"
 
 
 @pytest.mark.slow
 def test_recipe_in_miniature_runs_every_stage_under_deepspeed(tmp_path):
     env = {**os.environ, "MOSHI_TTT_OUTPUT": str(tmp_path), "NO_TORCH_COMPILE": "1", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "train.py", "experiment=moshiko_ttt_30min", "run_name=mini", *miniature_overrides()]
+    codec = make_dataset_dir(tmp_path / "codec")
+    cmd = [sys.executable, "train.py", "experiment=moshiko_ttt_30min", "run_name=mini", *miniature_overrides(codec)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -45,4 +48,5 @@ def test_recipe_in_miniature_runs_every_stage_under_deepspeed(tmp_path):
         assert (ckpts / f"stage{i}-{name}-end.ckpt").exists(), sorted(p.name for p in ckpts.iterdir())
     assert read_metric(run, "val/loss"), "validation never ran"
     assert list(run.glob("wandb/offline-run-*")), "no offline W&B run"
+    assert list((run / "audio_samples").glob("step*.wav")), "the recipe's audio samples were not written"
     assert len(STAGE_SHAPES) == 3

@@ -18,6 +18,7 @@ import pytest
 
 from helpers import read_metric
 from recipe_miniature import miniature_overrides, stage_of_step, total_steps
+from serve_model import make_dataset_dir
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,8 @@ def jobs(cluster, tmp_path_factory):
     """The recipe miniature twice (uninterrupted reference, and the one to preempt) and the
     time-limit job, submitted at once."""
     out = tmp_path_factory.mktemp("slurm-out")
-    recipe = ["experiment=moshiko_ttt_30min", *miniature_overrides(trainer=None, shapes=SHAPES),
+    codec = make_dataset_dir(out / "codec")
+    recipe = ["experiment=moshiko_ttt_30min", *miniature_overrides(codec, trainer=None, shapes=SHAPES),
               "callbacks.model_checkpoint.every_n_train_steps=100"]
     env = _job_env(out, "deepspeed_cpu_sim")
     made = {
