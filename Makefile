@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # This clone's sources win over whatever checkout the shared venv's editable install points to.
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install system-deps demo demo-data memory-proof test lint bench print-python
+.PHONY: install system-deps demo demo-data memory-proof test lint bench gpu-check print-python
 
 # Dependencies are installed once per pyproject hash. The editable link (for `python train.py`
 # outside make) is re-pointed only when the checkout it points to is gone, so a second clone
@@ -74,6 +74,11 @@ bench: install
 	$(PY) bench/ttt_layer.py
 	$(PY) bench/long_sequence.py
 	$(PY) bench/data.py
+	$(PY) bench/streaming.py
+
+# Every GPU path on one CUDA GPU (< 8 min on an H200): one table, plus outputs/gpu_check/gpu_check.{json,md}.
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 print-python:
 	@echo $(PY)
