@@ -122,7 +122,12 @@ class MetricsRowAtCheckpoint(L.Callback):
         csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
         if not csv_loggers or not trainer.training or connector._first_loop_iter is None or trainer._results is None:
             return
-        row = {k: float(v) for k, v in connector.metrics["log"].items() if getattr(v, "numel", lambda: 1)() == 1}
+        # Only what this step has logged already (training_step, optimizer hooks): values logged in
+        # on_train_batch_end hooks still hold the previous step's until Lightning logs them again.
+        fresh = {m.meta.name for m in trainer._results.values()
+                 if m.meta.fx in ("training_step", "on_before_backward", "on_after_backward", "on_before_optimizer_step")}
+        row = {k: float(v) for k, v in connector.metrics["log"].items()
+               if k in fresh and getattr(v, "numel", lambda: 1)() == 1}
         if not row:
             return
         row["epoch"] = trainer.current_epoch

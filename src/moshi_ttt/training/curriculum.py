@@ -122,8 +122,14 @@ class CurriculumCallback(L.Callback):
             return
         if not batches or not batches.get("is_last_batch") or step not in ends[:-1]:
             return
-        if batches["total"]["completed"] != batches["total"]["processed"] - 1:
-            return  # written after the batch (at validation or epoch end): Lightning resumes it as it is
+        if batches["total"]["completed"] == batches["total"]["processed"]:
+            # Written after the batch (ModelCheckpoint re-saving last.ckpt after the validation, or
+            # at epoch end without validation): restore it as the batch-end checkpoint of the step.
+            for progress in (batches["total"], batches["current"]):
+                progress["completed"] = progress["processed"] - 1
+            for progress in (fit["epoch_progress"]["total"], fit["epoch_progress"]["current"]):
+                progress["processed"] = progress["completed"]
+            fit.setdefault("epoch_loop.state_dict", {})["_batches_that_stepped"] = step - 1
         nxt = self.curriculum.stages[ends.index(step) + 1]
         n = nxt.steps * nxt.accumulate
         batches["current"] = {"ready": n, "started": n, "processed": n, "completed": n - 1}
@@ -131,11 +137,16 @@ class CurriculumCallback(L.Callback):
 
     def _validate_finished_stage(self, trainer) -> None:
         """Run the validation that the restored checkpoint was written before (logged at its step)."""
+        from lightning.pytorch.callbacks import Checkpoint
         from lightning.pytorch.trainer import call
 
         loop = trainer.fit_loop.epoch_loop.val_loop
         if not trainer.enable_validation:
             return
+        # The run is at its checkpoint already: a checkpoint callback must not save again here
+        # (ModelCheckpoint would re-save last.ckpt in the middle of this restore).
+        callbacks = trainer.callbacks
+        trainer.callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
         first = trainer._logger_connector._first_loop_iter
         epoch = trainer.fit_loop.epoch_progress.current
         epoch.completed -= 1  # Lightning already counts the finished stage's epoch: log under it, as it was
@@ -145,6 +156,7 @@ class CurriculumCallback(L.Callback):
             call._call_lightning_module_hook(trainer, "on_validation_model_zero_grad")
             loop.run()
         finally:
+            trainer.callbacks = callbacks
             epoch.completed += 1
             trainer.training = True
             trainer._logger_connector._first_loop_iter = first
