@@ -140,6 +140,8 @@ class MoshiTTTModule(L.LightningModule):
         self._t_last = now
         if "skipped" in batch:
             self.log("data/skipped_samples", batch["skipped"].max().float(), batch_size=B, reduce_fx="max")
+        if "negative_ids" in batch:  # samples whose negative token ids (not the padding value) were read as padding
+            self.log("data/negative_id_samples", batch["negative_ids"].max().float(), batch_size=B, reduce_fx="max")
         if "segments" in batch:  # share of this stage's sequences that join several conversations
             packed = (batch["segments"][:, -1] > 0).float().mean()
             self.log("data/packed_fraction", packed, batch_size=B)

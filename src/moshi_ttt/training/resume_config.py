@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 
+from moshi_ttt.config.errors import ConfigError
+
 logger = logging.getLogger("moshi_ttt")
 
 # Prefixes (dotted) of keys that may change between attempts of one run.
@@ -64,7 +66,7 @@ def check_resume_config(checkpoint: dict, current: dict, ckpt_path: str, allow_c
         return changes
     listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
     if not allow_change:
-        raise ValueError(
+        raise ConfigError(
             f"resuming {ckpt_path} with a different config would mix two runs: {listing}. Use the checkpoint's "
             "settings, another run_name (a new run), or resume.allow_config_change=true to continue with the change"
         )
