@@ -306,7 +306,7 @@ def test_cli_rejects_bad_arguments_before_any_compute(tmp_path, capsys):
     from moshi_ttt.eval.__main__ import main
 
     assert main(["loss", "--model", "nope", "--shards", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "NAME=EXPORT_DIR" in capsys.readouterr().err
+    assert "NAME=MODEL" in capsys.readouterr().err
     assert main(["recall", "--model", f"x={tmp_path}", "--shards", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
