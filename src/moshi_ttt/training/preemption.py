@@ -80,7 +80,7 @@ def requeue_if_preempted(trainer: L.Trainer) -> bool:
     """After a preempted fit has returned and every log is closed: rank 0 requeues the job
     (Slurm ends this process right away). Returns whether a requeue was asked for."""
     cb = next((c for c in trainer.callbacks if isinstance(c, PreemptionCallback)), None)
-    if cb is None or not getattr(cb, "preempted", False) or not trainer.is_global_zero:
+    if cb is None or not cb.preempted or not trainer.is_global_zero:
         return False
     cmd = requeue_command() if cb.requeue else None
     if cmd is None:
