@@ -33,7 +33,7 @@ than 15 %, streaming below real time) does not fail it. The table is also writte
 
     python bench/gpu_check.py                  # on a CUDA machine (make gpu-check)
     python bench/gpu_check.py --dry-run --out /tmp/gc
-    python bench/gpu_check.py --parts 1 5 --variants pre_attention --overrides ttt.layer.num_heads=8
+    python bench/gpu_check.py --parts 1 5 --variants pre_attention --overrides ttt.ttt_layer.num_heads=8
 """
 
 from __future__ import annotations
@@ -1013,7 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainers", nargs="+", default=None, choices=list(TRAINERS), metavar="TRAINER",
                         help=f"of {list(TRAINERS)} (part 4; default all)")
     parser.add_argument("--overrides", nargs="*", default=[],
-                        help="Hydra overrides for the model of parts 1 and 5 (e.g. ttt.layer.num_heads=8)")
+                        help="Hydra overrides for the model of parts 1 and 5 (e.g. ttt.ttt_layer.num_heads=8)")
     parser.add_argument("--out", default="outputs/gpu_check", help="directory for gpu_check.json/.md and logs")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time budget")
     parser.add_argument("--peak-tflops", type=float, default=None,

@@ -86,7 +86,7 @@ def build_ttt(variant: str, **ttt) -> Callable[[dict, str, torch.dtype], torch.n
     its TTT parameters train, as in a real run."""
     def build(lm_kwargs: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
         lm = build_vanilla(lm_kwargs, device, dtype)
-        install_ttt(lm, {"variant": variant, "layers": [-1], "attention_window": 3000, **ttt})
+        install_ttt(lm, {"variant": variant, "layer_indices": [-1], "attention_window": 3000, **ttt})
         return lm.train()
 
     return build

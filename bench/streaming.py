@@ -60,7 +60,7 @@ def build(size: str, variant: list[str], device: str, dtype: str, layers: list[i
     else:
         lm_kwargs = copy.deepcopy(loaders._lm_kwargs)
         mimi = loaders.get_mimi(None, copy.deepcopy(loaders._mimi_config), device=device, num_codebooks=8)
-    ttt = ttt_config(variant + ([f"ttt.layers=[{','.join(map(str, layers))}]"] if layers else []))
+    ttt = ttt_config(variant + ([f"ttt.layer_indices=[{','.join(map(str, layers))}]"] if layers else []))
     model = build_model({"source": "tiny", "lm_kwargs": lm_kwargs, "device": device, "dtype": dtype}, ttt)
     with torch.no_grad():  # zero-initialised adapter projections made non-zero, as after training (same work)
         for p in model.parameters():

@@ -1,7 +1,7 @@
 """The flagship recipe (conf/experiment/moshiko_ttt_30min.yaml) in miniature: only what cannot
 run on a CPU is overridden, so every other key of the recipe runs here first.
 
-Overridden: the model (tiny, with 3 layers so the recipe's ``ttt.layers: [-3, -2, -1]`` selects
+Overridden: the model (tiny, with 3 layers so the recipe's ``ttt.layer_indices: [-3, -2, -1]`` selects
 them all; gradient checkpointing and every TTT setting kept), the codec of the audio samples
 (a tiny Mimi and tokenizer instead of the model repo's; shorter samples), the data (synthetic shards), the
 trainer (DeepSpeed on 2 CPU processes), the stages' lengths/steps/batches (same packing and

@@ -60,7 +60,7 @@ def test_unknown_key_and_group_option_are_named(compose_cfg):
     (["data.num_workers=-1"], "data.num_workers=-1: an integer >= 0"),
     (["data.min_frames=100000"], "data.min_frames=100000: longer than every conversation in data.train_shards "
                                  "(at most 160 frames, from data.synthetic.num_frames)"),
-    (["ttt.layer.inner=foo"], "ttt.layer.inner='foo' must be one of ('linear', 'mlp')"),
+    (["ttt.ttt_layer.inner=foo"], "ttt.ttt_layer.inner='foo' must be one of ('linear', 'mlp')"),
     (["optim.lr=0"], "optim.lr=0.0: a finite number > 0"),
     (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5]: two numbers in [0, 1)"),
     (["+callbacks.progress.every_n_step=3"], "callbacks.progress.every_n_step: PlainProgressLogger takes no argument"),

@@ -43,10 +43,11 @@ def _report(tmp_path) -> tuple[dict, dict]:
 
 
 def test_dry_run_of_the_model_parts_and_a_failing_variant_does_not_stop_the_rest(gpu_check, tmp_path, capsys):
-    """Parts 1 (train step vs planner) and 5 (LMGen); ++ttt.window=0 breaks hybrid only (its local
-    attention window), the other variants ignore it."""
+    """Parts 1 (train step vs planner) and 5 (LMGen); ++ttt.ttt_layer_attention_window=0 breaks hybrid only
+    (its local attention window), the other variants ignore it."""
     rc = gpu_check.main(["--dry-run", "--parts", "1", "5", "--variants", "none", "pre_attention", "hybrid",
-                         "--overrides", "++ttt.window=0", "--peak-tflops", "0.1", "--jobs", "2", "--out", str(tmp_path)])
+                         "--overrides", "++ttt.ttt_layer_attention_window=0", "--peak-tflops", "0.1", "--jobs", "2",
+                         "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 1  # a FAIL row fails the check
     report, rows = _report(tmp_path)

@@ -26,8 +26,8 @@ def demo_outputs(tmp_path_factory, tiny_lm_kwargs):
     tmp_path = tmp_path_factory.mktemp("notebook")
     overrides = [
         f"paths.output_root={tmp_path}", "experiment=smoke", "trainer.max_steps=4", "data.val_shards=null", "run_name=nb", "logger=csv",
-        "callbacks.ttt_health.every_n_steps=1", "curriculum=demo", "ttt.layers=null", "ttt.default_num_layers=1",
-        "ttt.layer.mini_batch_size=8",
+        "callbacks.ttt_health.every_n_steps=1", "curriculum=demo", "ttt.layer_indices=null", "ttt.default_num_layers=1",
+        "ttt.ttt_layer.mini_batch_size=8",
         "curriculum.stages=[{name:short,seconds:2.56,steps:2,batch_size:2},{name:long,seconds:5.12,steps:2,batch_size:1}]",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -83,7 +83,7 @@ def test_tiny_parameter_counts_equal_the_built_model(variant, inner):
 
     variant, _, read = variant.partition(":")
     extra = [f"ttt.memory_read={read}"] if read else []
-    cfg = _compose("model=tiny", f"ttt={variant}", f"ttt.layer.inner={inner}", "model.lora.rank=4", *extra)
+    cfg = _compose("model=tiny", f"ttt={variant}", f"ttt.ttt_layer.inner={inner}", "model.lora.rank=4", *extra)
     inputs = P.prepare(cfg)
     model_cfg = P._plain(cfg.model)
     base = count_parameters(load_base_moshi(source_config({**model_cfg, "lora": {"rank": 0}})))
@@ -121,7 +121,7 @@ def test_activation_formulas_match_what_autograd_saves():
     model_cfg = {"source": "tiny", "lm_kwargs": lm, "dtype": "float32", "lora": {"rank": 0}}
     # TTT in layers 0 and 1 (layer 1 then sees an input that needs a gradient, like layers 30, 31 of
     # the 7B); layer 2 is a frozen layer on the gradient path
-    ttt_cfg = {"variant": "pre_attention", "layers": [0, 1], "layer": {"head_dim": 64}}
+    ttt_cfg = {"variant": "pre_attention", "layer_indices": [0, 1], "ttt_layer": {"head_dim": 64}}
     model = build_model(model_cfg, ttt_cfg).to(torch.bfloat16).train()
     where = {"name": None}
     for i, layer in enumerate(model.transformer.layers):

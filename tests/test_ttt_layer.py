@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTMemory, TTTState, check_stage_mini_batch, ttt_scan
 from moshi_ttt.ttt.reference import reference_layer, reference_memory
@@ -345,18 +344,21 @@ def test_health_stats_and_gated_zero_start():
 
 
 def test_config_errors_name_the_hydra_key():
-    """Every message names the key as a user sets it (ttt.layer.<field>), never a key that does not exist."""
-    with pytest.raises(ValueError, match=r"^ttt\.layer\.inner='rnn' must be one of"):
+    """Every message names the key as a user sets it (ttt.ttt_layer.<field>), never a key that does not exist."""
+    with pytest.raises(ValueError, match=r"^ttt\.ttt_layer\.inner='rnn' must be one of"):
         TTTConfig(inner="rnn")
-    with pytest.raises(ValueError, match=r"^ttt\.layer\.mini_batch_size=0 is out of range"):
+    with pytest.raises(ValueError, match=r"^ttt\.ttt_layer\.mini_batch_size=0 is out of range"):
         TTTConfig(mini_batch_size=0)
-    with pytest.raises(ValueError, match=r"^ttt\.layer\.num_heads=3 does not divide .* set ttt\.layer\.head_dim"):
+    with pytest.raises(ValueError, match=r"^ttt\.ttt_layer\.num_heads=3 does not divide .* set ttt\.ttt_layer\.head_dim"):
         TTTLayer(TTTConfig(num_heads=3), 16)
-    with pytest.raises(ValueError, match=r"^ttt\.layer\.output_proj=false"):
+    with pytest.raises(ValueError, match=r"^ttt\.ttt_layer\.output_proj=false"):
         TTTLayer(TTTConfig(num_heads=2, head_dim=4, output_proj=False), 16)
-    # one default for both inner models, the one conf/ttt/_layer_defaults.yaml sets
-    defaults = yaml.safe_load((Path(__file__).parents[1] / "conf/ttt/_layer_defaults.yaml").read_text())["layer"]
-    assert TTTConfig(inner="mlp").mini_batch_size == TTTConfig().mini_batch_size == defaults["mini_batch_size"]
+    # one default for both inner models, and TTTConfig is the schema of ttt.ttt_layer: its defaults are the only ones
+    from moshi_ttt.config.schema import TTTVariantConfig
+
+    assert TTTConfig(inner="mlp").mini_batch_size == TTTConfig().mini_batch_size == 16
+    assert TTTVariantConfig().ttt_layer == TTTConfig()
+    assert not (Path(__file__).parents[1] / "conf/ttt/_layer_defaults.yaml").exists()
 
 
 def test_divergence_message_names_existing_keys():
@@ -366,14 +368,14 @@ def test_divergence_message_names_existing_keys():
     with pytest.raises(FloatingPointError) as info:
         layer(torch.randn(1, 4, DIM, dtype=torch.float64))
     keys = re.findall(r"ttt\.[a-z_.]+", str(info.value))
-    assert keys == ["ttt.layer.base_lr", "ttt.layer.eta_max", "ttt.layer.weight_norm_clip"]
+    assert keys == ["ttt.ttt_layer.base_lr", "ttt.ttt_layer.eta_max", "ttt.ttt_layer.weight_norm_clip"]
     fields = set(TTTConfig.__dataclass_fields__)
-    assert all(k.removeprefix("ttt.layer.") in fields for k in keys)
+    assert all(k.removeprefix("ttt.ttt_layer.") in fields for k in keys)
 
 
 def test_stage_mini_batch_rule_names_both_keys():
     check_stage_mini_batch(None, 16, "curriculum.stages.0.ttt_mini_batch_size")
     check_stage_mini_batch(16, 16, "curriculum.stages.0.ttt_mini_batch_size")
     with pytest.raises(ValueError, match=r"^curriculum\.stages\.1\.ttt_mini_batch_size=32 differs from "
-                                         r"ttt\.layer\.mini_batch_size=16"):
+                                         r"ttt\.ttt_layer\.mini_batch_size=16"):
         check_stage_mini_batch(32, 16, "curriculum.stages.1.ttt_mini_batch_size")

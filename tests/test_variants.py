@@ -20,9 +20,9 @@ def _model(kw, variant, window=16, context=64, seed=0):
     base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs=kw, seed=seed))
     model = copy.deepcopy(base)
     variant, _, read = variant.partition(":")
-    install_ttt(model, {"variant": variant, "layers": [0, -1], "window": window,
+    install_ttt(model, {"variant": variant, "layer_indices": [0, -1], "ttt_layer_attention_window": window,
                         "memory_read": read or "add",
-                        "layer": {"mini_batch_size": 4, "num_heads": 4}})
+                        "ttt_layer": {"mini_batch_size": 4, "num_heads": 4}})
     return base, model
 
 
@@ -45,9 +45,9 @@ def _codes(kw, B=2, T=48, seed=0):
 
 def test_layer_selection():
     assert selected_layers({}, 32) == [29, 30, 31]
-    assert selected_layers({"layers": [24, -1]}, 32) == [24, 31]
-    with pytest.raises(ValueError, match="ttt.layers"):
-        selected_layers({"layers": [40]}, 32)
+    assert selected_layers({"layer_indices": [24, -1]}, 32) == [24, 31]
+    with pytest.raises(ValueError, match="ttt.layer_indices"):
+        selected_layers({"layer_indices": [40]}, 32)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -70,7 +70,7 @@ def test_closed_gates_equal_the_base_and_open_gates_differ(tiny_lm_kwargs, varia
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_step_0_is_the_frozen_model_with_the_variants_window(tiny_lm_kwargs, variant):
     """Untrained, every variant is exactly the frozen base whose TTT layers attend over the
-    variant's window (hybrid: ttt.window at full strength; cache_replacement: its recent window;
+    variant's window (hybrid: ttt.ttt_layer_attention_window at full strength; cache_replacement: its recent window;
     pre/post: the base's own context), however short that window is."""
     from moshi_ttt.models.attention import install_local_attention
 
@@ -215,7 +215,7 @@ def test_memory_slots_is_refused_with_a_clear_error(tiny_lm_kwargs):
     base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs=tiny_lm_kwargs, seed=0))
     with pytest.raises(ValueError, match="ttt.memory_slots"):
         install_ttt(base, {"variant": "cache_replacement", "memory_read": "kv_slots", "memory_slots": 3,
-                           "layer": {"mini_batch_size": 4}})
+                           "ttt_layer": {"mini_batch_size": 4}})
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from moshi_ttt.config.groups import ttt_dict
 from moshi_ttt.serving.checkpoint import last_checkpoint, load_raw, run_config, trained_state_dict
 
 logger = logging.getLogger("moshi_ttt.export")
@@ -170,7 +171,7 @@ def export(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = No
     run_cfg = run_config(ckpt, raw, fallback=config)
     state = trained_state_dict(ckpt, None if ckpt.is_dir() else raw)
     model_cfg = dict(run_cfg["model"])
-    ttt_cfg = dict(run_cfg.get("ttt") or {"variant": "none"})
+    ttt_cfg = ttt_dict(run_cfg.get("ttt"), f"{ckpt}: ttt")  # under the current key names
     if model_cfg.get("train_base"):
         raise ValueError(f"{ckpt}: model.train_base=true trained the whole base; an adapter export would drop it")
     lora = {k: v for k, v in state.items() if is_lora_key(k)}
@@ -234,6 +235,7 @@ def read_export(directory: str | Path) -> dict:
                          "directory is a base model: use it as model.source=dir")
     if "model" not in meta:
         raise ValueError(f"{path}: moshi_ttt.model is missing")
+    meta["ttt"] = ttt_dict(meta["ttt"], f"{path}: ttt")  # an older export's key names, moved with a warning
     return meta
 
 

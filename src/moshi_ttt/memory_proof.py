@@ -46,10 +46,10 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 VARIANTS = {
     "post_attention": ["ttt=post_attention"],
     "pre_attention": ["ttt=pre_attention"],
-    "hybrid": ["ttt=hybrid", "ttt.window={w}"],
-    # cache_replacement attends over (ceil(window / b) + 1) * b frames: window - b gives exactly {w}
-    "cache_replacement": ["ttt=cache_replacement", "ttt.window={wb}"],
-    "cache_replacement_kv_slots": ["ttt=cache_replacement", "ttt.memory_read=kv_slots", "ttt.window={wb}"],
+    "hybrid": ["ttt=hybrid", "ttt.ttt_layer_attention_window={w}"],
+    # cache_replacement attends over (ceil(W / b) + 1) * b frames (W = ttt_layer_attention_window): W - b gives {w}
+    "cache_replacement": ["ttt=cache_replacement", "ttt.ttt_layer_attention_window={wb}"],
+    "cache_replacement_kv_slots": ["ttt=cache_replacement", "ttt.memory_read=kv_slots", "ttt.ttt_layer_attention_window={wb}"],
 }
 
 
@@ -133,7 +133,7 @@ def run(args) -> dict:
 
     # 1. the base: everything trains, short window, pairs inside the window.
     base_cfg = _compose([*_model_overrides(args), *common, "ttt=none", "curriculum=none", "run_name=base",
-                         "+model.train_base=true", f"data.train_shards=[{out / 'pairs_pretrain'}]",
+                         "model.train_base=true", f"data.train_shards=[{out / 'pairs_pretrain'}]",
                          f"data.seq_len={pretrain.frames()}", f"data.batch_size={args.base_batch_size}",
                          f"trainer.max_steps={args.base_steps}", f"optim.lr={args.base_lr}",
                          f"optim.warmup_steps={min(50, args.base_steps // 10)}", "optim.weight_decay=0.0",
@@ -164,9 +164,9 @@ def run(args) -> dict:
             cfg = _compose([
                 *_model_overrides(args), *common, *(o.format(**fill) for o in VARIANTS[variant]), "curriculum=demo",
                 f"run_name={variant}", "model.source=dir", f"model.path={base_dir}",
-                f"data.train_shards={out / 'pairs_train'}", "ttt.layers=null", f"ttt.default_num_layers={args.layers}",
-                f"ttt.layer.mini_batch_size={args.mini_batch}", f"ttt.layer.num_heads={args.ttt_heads}",
-                f"ttt.layer.base_lr={args.inner_lr}",
+                f"data.train_shards={out / 'pairs_train'}", "ttt.layer_indices=null", f"ttt.default_num_layers={args.layers}",
+                f"ttt.ttt_layer.mini_batch_size={args.mini_batch}", f"ttt.ttt_layer.num_heads={args.ttt_heads}",
+                f"ttt.ttt_layer.base_lr={args.inner_lr}",
                 f"curriculum.stages=[{_stage('in_window', short, warm, args)},"
                 f"{_stage('full', variant_set.frames(), args.variant_steps - warm, args)}]",
                 f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--ttt-heads", type=int, default=4)
     p.add_argument("--mini-batch", type=int, default=4)
-    p.add_argument("--inner-lr", type=float, default=1.0, help="ttt.layer.base_lr of the memories")
+    p.add_argument("--inner-lr", type=float, default=1.0, help="ttt.ttt_layer.base_lr of the memories")
     p.add_argument("--batch-size", type=int, default=8, help="of the variants' training")
     p.add_argument("--base-batch-size", type=int, default=32)
     p.add_argument("--pretrain-samples", type=int, default=4096)

@@ -71,9 +71,9 @@ Throughput model, FLOPs per frame of one sample (``N`` counts matmul weights, fr
     recompute the forward of the checkpointed layers >= f, the chunked attention's own block
               recompute (4 W_eff D), the TTT scan's group recompute (inner loop x 1)
 
-``W_eff`` = keys visited per query by the chunked local attention (window ``W`` = stage.window,
-else ``ttt.attention_window``, else Moshi's context; ``ttt.window`` for hybrid layers, the
-memory lag window for cache_replacement), computed block by block like
+``W_eff`` = keys visited per query by the chunked local attention (window ``W`` = the stage's
+attention_window, else ``ttt.attention_window``, else Moshi's context;
+``ttt.ttt_layer_attention_window`` for hybrid layers, the memory lag window for cache_replacement), computed block by block like
 ``moshi_ttt.models.attention``. TTT inner loop per token and head: linear ``6 d^2 + 4 b d``;
 mlp (hidden m) ``14 d m + 4 b m + 4 b d``. "model FLOPs" exclude recompute; frames/s per GPU =
 ``mfu x gpu_flops / executed FLOPs`` (executed = model + recompute); tokens/s counts the
@@ -107,9 +107,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # config
 # ---------------------------------------------------------------------------------------------
 def compose_config(overrides: list[str], config_dir: str | Path | None = None):
-    """``conf/train.yaml`` composed with ``overrides``, exactly as ``train.py`` would see it."""
+    """``conf/train.yaml`` composed with ``overrides``, exactly as ``train.py`` would see it (renamed keys
+    moved to their new names, as ``train.py``'s validation moves them)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    from moshi_ttt.config.groups import apply_renames
 
     config_dir = Path(config_dir or DEFAULT_CONFIG_DIR).resolve()
     if not (config_dir / "train.yaml").exists():
@@ -117,7 +120,9 @@ def compose_config(overrides: list[str], config_dir: str | Path | None = None):
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        cfg = compose("train", overrides=list(overrides))
+    apply_renames(cfg, list(overrides))
+    return cfg
 
 
 def _plain(node) -> dict:
@@ -316,21 +321,20 @@ class TTTShape:
         return self.heads * per_head
 
 
-def ttt_shape(ttt_cfg: dict, shape: ModelShape) -> TTTShape | None:
-    """The TTT layers ``install_ttt`` would add (``None`` for ``ttt.variant=none``). Keys are read
-    from ``ttt.layer`` (or flat ``ttt.<key>``) with ``TTTConfig``'s defaults."""
+def ttt_shape(ttt_cfg, shape: ModelShape) -> TTTShape | None:
+    """The TTT layers ``install_ttt`` would add (``None`` for ``ttt.variant=none``), from the ``ttt``
+    section read as ``install_ttt`` reads it (``moshi_ttt.config.groups.ttt_settings``)."""
+    from moshi_ttt.config.groups import ttt_settings
     from moshi_ttt.models.insert import selected_layers
-    from moshi_ttt.ttt import TTTConfig
 
-    variant = ttt_cfg.get("variant", "none") or "none"
+    settings = ttt_settings(ttt_cfg)
+    variant = settings.variant
     if variant == "none":
         return None
-    fields = TTTConfig.__dataclass_fields__
-    layer_cfg = dict(ttt_cfg.get("layer") or {k: v for k, v in ttt_cfg.items() if k in fields})
-    cfg = TTTConfig(**{k: v for k, v in layer_cfg.items() if k in fields})
+    cfg = settings.ttt_layer
     D, b0 = shape.dim, int(cfg.mini_batch_size)
-    layers = tuple(selected_layers(ttt_cfg, shape.num_layers))
-    window = int(ttt_cfg.get("window", 256) or 256)
+    layers = tuple(selected_layers(settings, shape.num_layers))
+    window = int(settings.ttt_layer_attention_window)
     if variant == "cache_replacement":
         H, d = shape.num_heads, shape.head_dim  # one memory head per attention head
     else:
@@ -340,7 +344,7 @@ def ttt_shape(ttt_cfg: dict, shape: ModelShape) -> TTTShape | None:
     memory = H * fw + 2 * H * d + (b0 if cfg.per_position_lr else 0)  # initial W, inner LN, token offsets
     lr_proj = D * H + H
     if variant == "cache_replacement":
-        if ttt_cfg.get("memory_read", "add") == "kv_slots":
+        if settings.memory_read == "kv_slots":
             params = memory + lr_proj + 2 * H + H * d  # + slot bias, per-head gate, slot key match
             mm = D * H
             extra = 3 * D * D  # project_qkv runs the frozen in-projection again, without RoPE
@@ -809,8 +813,10 @@ class PlanInputs:
 def prepare(cfg) -> PlanInputs:
     from omegaconf import OmegaConf
 
-    model_cfg = _plain(cfg.model)
-    ttt_cfg = _plain(OmegaConf.select(cfg, "ttt")) or {"variant": "none"}
+    from moshi_ttt.config.groups import model_dict, ttt_dict
+
+    model_cfg = model_dict(cfg.model)  # the schema's defaults filled in
+    ttt_cfg = ttt_dict(OmegaConf.select(cfg, "ttt"))  # renamed keys moved, defaults filled in
     strategy = strategy_from_config(_plain(cfg.trainer))
     shape = model_shape(model_cfg, strategy.persistence)
     return PlanInputs(shape, ttt_shape(ttt_cfg, shape), ttt_cfg, model_cfg, strategy, stages_from_config(cfg))

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 from moshi_ttt.config.errors import EXIT_BAD_SETTING, describe
-from moshi_ttt.config.explain import CONF_DIR, lookup, normalise, overview, render
+from moshi_ttt.config.explain import CONF_DIR, lookup, normalise, overview, renamed, render
+from moshi_ttt.config.groups import apply_renames
 
 _ABSENT = object()
 
@@ -25,12 +26,15 @@ def _values(key: str, overrides: list[str], entries) -> dict[str, object]:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    apply_renames(cfg, overrides)  # an old name among the overrides shows as the value of its new key
     values = {}
     for e in entries:
         concrete = key if normalise(key) == e.key else e.key
         if ".N." in concrete or concrete.endswith(".N"):
             continue
         value = OmegaConf.select(cfg, concrete, default=_ABSENT, throw_on_resolution_failure=False)
+        if isinstance(value, ListConfig) and not any(OmegaConf.is_config(v) for v in value):
+            value = OmegaConf.to_container(value, resolve=True)  # a list of values (optim.betas, ttt.layer_indices)
         if value is _ABSENT or OmegaConf.is_config(value):
             continue  # not in this composition (e.g. no such stage), or a whole group
         values[e.key] = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return EXIT_BAD_SETTING
+    new = renamed(args.key)
+    if new is not None:
+        print(f"{args.key} is the deprecated name of {new} (still accepted, with a warning)")
     print(render(entries, values))
     return 0
 

@@ -2,7 +2,9 @@
 
 ``python -m moshi_ttt.config explain [KEY] [overrides...]`` prints every typed group, one group
 (``optim``) or one key (``curriculum.stages.1.attention_window``), and the value that key takes
-in ``conf/train.yaml`` composed with the overrides.
+in ``conf/train.yaml`` composed with the overrides. The keys inside ``trainer.strategy`` (DDP,
+DeepSpeed) are untyped and documented by ``schema.STRATEGY_DOCS``; an old (renamed) key shows
+its new name.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from moshi_ttt.config.schema import GROUP_DOCS, TrainConfig
-from moshi_ttt.config.stages import RENAMED
+from moshi_ttt.config.groups import RENAMED_KEYS
+from moshi_ttt.config.schema import GROUP_DOCS, STRATEGY_DOCS, TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
@@ -108,7 +110,7 @@ def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[KeyDoc]:
     out = []
     for entry in _entries(cls, prefix):
         out.append(entry)
-        if entry.nested is not None:
+        if entry.nested is not None and entry.key not in RENAMED_KEYS:  # an old name: documented by its new one
             is_list = entry.type.startswith("list[")
             out.extend(all_keys(entry.nested, f"{entry.key}.N." if is_list else f"{entry.key}."))
     return out
@@ -119,13 +121,32 @@ def normalise(key: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".N", key.strip().strip("."))
 
 
+def strategy_keys() -> list[KeyDoc]:
+    """The documented keys inside ``trainer.strategy`` (DDP and DeepSpeed, conf/trainer/)."""
+    return [KeyDoc(k, tp, "", doc, None) for k, (tp, doc) in STRATEGY_DOCS.items()]
+
+
+def component_keys() -> list[KeyDoc]:
+    return [KeyDoc(k, "component", "", v, None) for k, v in GROUP_DOCS.items()]
+
+
+def renamed(key: str) -> str | None:
+    """The current name of a renamed key (``ttt.layer.num_heads`` -> ``ttt.ttt_layer.num_heads``), else None."""
+    want = normalise(key)
+    for old, new in RENAMED_KEYS.items():
+        if want == old or want.startswith(old + "."):
+            return new + want[len(old):]
+    return None
+
+
 def lookup(key: str) -> list[KeyDoc]:
     """The key itself and, for a group, everything under it; raises KeyError naming close keys."""
     want = normalise(key)
     keys = all_keys()
     hits = [k for k in keys if k.key == want or k.key.startswith(want + ".")]
-    extra = {k: v for k, v in GROUP_DOCS.items() if k == want or k.startswith(want + ".")}
-    hits += [KeyDoc(k, "component", "", v, None) for k, v in extra.items()]
+    hits += [k for k in strategy_keys() + component_keys() if k.key == want or k.key.startswith(want + ".")]
+    if not hits and renamed(key) is not None:  # an old name below a renamed group: what it is now
+        return lookup(renamed(key))
     if hits:
         return hits
     close = [k.key for k in keys if want.rsplit(".", 1)[-1] in k.key][:8]
@@ -151,8 +172,8 @@ def render(entries: list[KeyDoc], values: dict[str, object] | None = None, width
         if values is not None and e.key in values:
             head += f"  now: {values[e.key]}"
         lines.append(head)
-        leaf = e.key.rsplit(".", 1)[-1]
-        doc = e.doc + (f" Deprecated: use {RENAMED[leaf]}." if leaf in RENAMED and "eprecated" not in e.doc else "")
+        new = RENAMED_KEYS.get(e.key)
+        doc = e.doc + (f" Deprecated: use {new}." if new and "eprecated" not in e.doc else "")
         if doc:
             lines.extend(textwrap.wrap(doc, width=width, initial_indent="    ", subsequent_indent="    "))
     return "\n".join(lines)
@@ -165,6 +186,16 @@ def overview(conf_dir: Path = CONF_DIR) -> str:
         out.append(f"  {group}:")
         out += [f"    {name:<24} {comment}" for name, comment in group_options(group, conf_dir)]
     out += ["", "Keys (override with KEY=VALUE; list elements by index: curriculum.stages.1.steps=2000):",
-            render(all_keys()), "", "Named components (callbacks.NAME, logger.NAME):",
-            render([KeyDoc(k, "component", "", v, None) for k, v in GROUP_DOCS.items()])]
+            render(all_keys()), "", strategy_heading(), render(strategy_keys()), "",
+            "Named components (callbacks.NAME, logger.NAME):", render(component_keys()), "", renamed_list()]
     return "\n".join(out)
+
+
+def strategy_heading() -> str:
+    return ("Strategy keys (trainer.strategy.*, set by trainer=ddp* / deepspeed_*; each DeepSpeed key is passed "
+            "to DeepSpeed as is):")
+
+
+def renamed_list() -> str:
+    return "Renamed keys (the old name still works, with a warning):\n" + "\n".join(
+        f"  {old} -> {new}" for old, new in RENAMED_KEYS.items())

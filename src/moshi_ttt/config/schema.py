@@ -5,16 +5,23 @@ Registered with Hydra's ConfigStore (``moshi_ttt.config.store``) as the first en
 these dataclasses and a wrong type fails at composition, naming the key. The string under each
 field is its documentation: ``python -m moshi_ttt.config explain KEY`` prints it.
 
-The ``model`` and ``ttt`` groups are not typed here yet (``Any``): their settings are checked by
-``moshi_ttt.models.build`` and ``moshi_ttt.ttt.TTTConfig``.
+``model`` and ``ttt`` are typed too (``ModelConfig``, ``TTTVariantConfig`` whose ``ttt_layer`` is
+``moshi_ttt.ttt.TTTConfig``); code that receives them as plain dicts (checkpoints, exports,
+tests) reads them through the same dataclasses with ``moshi_ttt.config.groups``. Renamed keys
+keep a deprecated field here (default null) that ``moshi_ttt.config.groups`` moves to the new
+name with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
+from moshi_ttt.ttt.config import TTTConfig
 
 # A value for an int field that the curriculum replaces: see ``moshi_ttt.config.store.run_steps``.
 RUN_STEPS = "${moshi_ttt.run_steps:100}"
@@ -142,9 +149,10 @@ class Stage:
     min_lr_ratio: float = 0.1
     """Learning rate at the stage's end as a fraction of its peak, in [0, 1]."""
     ttt_mini_batch_size: int | None = None
-    """Must equal ttt.layer.mini_batch_size when set; null: the variant's own setting."""
+    """Must equal ttt.ttt_layer.mini_batch_size when set; null: the variant's own setting."""
     attention_window: int | None = None
-    """Frames of local attention during the stage (layers that support it); null: the model's setting."""
+    """Frames of local attention during the stage, as ttt.attention_window (layers that carry a hybrid or
+    cache_replacement TTT layer keep ttt.ttt_layer_attention_window); null: the model's setting."""
     window: int | None = None
     """Deprecated name of ``attention_window`` (still accepted, with a warning)."""
     packing: bool = False
@@ -227,6 +235,101 @@ class ResumeConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA on the frozen base (moshi's own LoRALinear, B initialised at zero: step 0 is the base model)."""
+
+    rank: int = 0
+    """LoRA rank; 0: no LoRA (TTT is what trains)."""
+    scaling: float = 2.0
+    """LoRA scaling of the low-rank update."""
+    modules: str = "transformer"
+    """transformer (the temporal transformer, where long context lives) | all (the depformer too)."""
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base Moshi (``moshi_ttt.models.loading``): where its weights come from and how it runs.
+
+    Also what ``moshi_ttt.models.loading`` reads (``MoshiSourceConfig`` is this class)."""
+
+    source: str = "tiny"
+    """hf (a Hugging Face repo, model.repo) | dir (a local copy, model.path) | tiny (random init from lm_kwargs)."""
+    repo: str | None = None
+    """source=hf: the repo id, e.g. kyutai/moshiko-pytorch-bf16."""
+    path: str | None = None
+    """source=dir: a directory with model.safetensors (and config.json unless it is Moshi 7B)."""
+    revision: str | None = None
+    """source=hf: a branch, tag or commit of the repo; null: the default branch."""
+    dtype: str = "float32"
+    """Dtype of the base weights: float32 | bfloat16 | float16 (TTT parameters stay float32)."""
+    device: str = "cpu"
+    """Device the base weights are loaded on (the trainer's strategy then moves the model)."""
+    seed: int = 0
+    """source=tiny: seed of the random initialisation."""
+    gradient_checkpointing: bool = False
+    """moshi's per-layer activation checkpointing, in the temporal transformer and the depformer."""
+    train_base: bool = False
+    """Train every base weight too (pretraining a tiny base from scratch, as the memory proof does); false: the
+    base stays frozen and only LoRA / TTT parameters train."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    lm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """moshi's LMModel constructor arguments (free keys): source=tiny needs them all (conf/model/tiny.yaml); for
+    hf / dir they override the checkpoint's config.json (e.g. context)."""
+
+
+#: ``ttt.layer``, the deprecated name of ``ttt.ttt_layer``: every ``TTTConfig`` field, optional, null meaning
+#: "not set" (the TTTConfig fields whose default is null lose nothing by that). Generated, so the two cannot
+#: drift apart; ``moshi_ttt.config.groups`` moves what is set to ``ttt.ttt_layer``.
+DeprecatedTTTLayer = dataclasses.make_dataclass(
+    "DeprecatedTTTLayer", [(name, tp | None, field(default=None)) for name, tp in typing.get_type_hints(TTTConfig).items()])
+
+
+@dataclass
+class TTTVariantConfig:
+    """The TTT variant, the Moshi layers it goes into and the attention around it (``moshi_ttt.models.insert``)."""
+
+    variant: str = "none"
+    """none | pre_attention | post_attention | hybrid | cache_replacement (conf/ttt/ has one file each, ttt=NAME;
+    docs/design.md describes them)."""
+    layer_indices: list[int] | None = None
+    """Indices of the Moshi transformer layers that get a TTT layer (negative ones count from the end, e.g.
+    [-3, -2, -1]); null: the last default_num_layers layers."""
+    default_num_layers: int = 3
+    """How many of the last layers get TTT when layer_indices is null."""
+    ttt_layer: TTTConfig = field(default_factory=TTTConfig)
+    ttt_layer_attention_window: int = 256
+    """hybrid and cache_replacement: frames of local attention kept in the layers that carry a TTT layer
+    (hybrid: attention over the last W frames beside TTT; cache_replacement: keys/values older than the window
+    are written into the TTT memory, attention window (ceil(W / b) + 1) * b, b = ttt_layer.mini_batch_size).
+    The other variants ignore it."""
+    memory_read: str = "add"
+    """cache_replacement: how queries read the memory: add (a gated projection added to attention's output) |
+    kv_slots (one slot f_W(q) per query inside the softmax)."""
+    attention_window: int | None = None
+    """Frames every layer's self-attention sees, at linear cost (chunked local attention); null: each layer
+    keeps Moshi's context (3000 frames = 4 min). Layers that carry a hybrid or cache_replacement TTT layer use
+    ttt_layer_attention_window instead; a curriculum stage's attention_window replaces it during the stage."""
+    attention_chunk_size: int | None = None
+    """Query block of the local attention; null: chosen from the window (64-256)."""
+    attention_backend: str = "sdpa"
+    """Kernel of the local attention: sdpa | math | flex (FlexAttention, CUDA)."""
+    rope_max_period: float | None = None
+    """RoPE max period of the temporal transformer; null: Moshi's (10000)."""
+    rope_position_scale: float | None = None
+    """RoPE position interpolation: positions are divided by this (null or 1: off)."""
+    memory_slots: int | None = None
+    """Removed (must stay null): kv_slots reads one slot f_W(q) per query, not fixed probe slots."""
+    layers: list[int] | None = None
+    """Deprecated name of ``layer_indices`` (still accepted, with a warning)."""
+    layer: DeprecatedTTTLayer = field(default_factory=DeprecatedTTTLayer)  # type: ignore[valid-type]
+    """Deprecated name of ``ttt_layer`` (still accepted, with a warning): ttt.layer.KEY sets ttt.ttt_layer.KEY."""
+    window: int | None = None
+    """Deprecated name of ``ttt_layer_attention_window`` (still accepted, with a warning)."""
+    hybrid_alpha_init: float | None = None
+    """Deprecated and ignored: hybrid keeps attention at full strength and adds the gated TTT read."""
+
+
+@dataclass
 class TrainConfig:
     """``python train.py``: the root of the config."""
 
@@ -249,10 +352,8 @@ class TrainConfig:
     """Lightning callbacks by name, each a config with a _target_; add one with +callbacks.NAME._target_=...,
     remove one with callbacks.NAME=null."""
     paths: PathsConfig = field(default_factory=PathsConfig)
-    model: Any = None
-    """The frozen Moshi: conf/model/ (not typed here yet; checked when the model is built)."""
-    ttt: Any = None
-    """The TTT variant and its layers: conf/ttt/ (not typed here yet; checked by moshi_ttt.ttt.TTTConfig)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ttt: TTTVariantConfig = field(default_factory=TTTVariantConfig)
 
 
 #: Documentation of named components inside the untyped dict groups, for ``explain``.
@@ -265,4 +366,61 @@ GROUP_DOCS = {
     "callbacks.ttt_health": "Logs TTT gates, fast-weight norms and learning rates every every_n_steps steps.",
     "logger.csv": "Lightning's CSVLogger under <run_dir>/csv (one version_N per attempt).",
     "logger.wandb": "W&B, offline unless credentials exist; the run id is run_name, so a resume continues it.",
+}
+
+#: Keys inside ``trainer.strategy`` (untyped: DDP or DeepSpeed, conf/trainer/), for ``explain``:
+#: key -> (type, meaning). ``zero`` stands for ``trainer.strategy.config.zero_optimization``.
+_ZERO = "trainer.strategy.config.zero_optimization"
+STRATEGY_DOCS: dict[str, tuple[str, str]] = {
+    "trainer.strategy._target_": (
+        "str", "The strategy class: lightning's DDPStrategy (trainer=ddp, ddp_sim) or "
+               "moshi_ttt.training.deepspeed_strategy.MoshiDeepSpeedStrategy (trainer=deepspeed_*)."),
+    "trainer.strategy.process_group_backend": ("str", "DDP: nccl (CUDA GPUs) | gloo (CPU processes)."),
+    "trainer.strategy.find_unused_parameters": (
+        "bool", "DDP: look for parameters without a gradient at every step (false: every trainable one gets one)."),
+    "trainer.strategy.exclude_frozen_parameters": (
+        "bool", "DeepSpeed: leave frozen (base) weights out of checkpoints; they are reloaded from model.source."),
+    "trainer.strategy.config": ("dict", "DeepSpeed: the DeepSpeed config (ds_config) passed as is."),
+    f"{_ZERO}.stage": ("int", "ZeRO stage: 2 shards optimizer state and gradients, 3 also the parameters."),
+    f"{_ZERO}.overlap_comm": ("bool", "Overlap the gradient reduction with the backward pass (false on CPU)."),
+    f"{_ZERO}.contiguous_gradients": (
+        "bool", "Copy gradients into one contiguous buffer as they are produced (less fragmentation)."),
+    f"{_ZERO}.reduce_scatter": (
+        "bool", "ZeRO-2: average gradients with reduce-scatter (each rank gets its shard) instead of all-reduce."),
+    f"{_ZERO}.reduce_bucket_size": (
+        "int", "Elements reduced at once: larger is faster and holds more memory (the planner counts it)."),
+    f"{_ZERO}.allgather_bucket_size": (
+        "int", "ZeRO-2: elements all-gathered at once when the updated parameter shards are shared after a step."),
+    f"{_ZERO}.stage3_prefetch_bucket_size": ("int", "ZeRO-3: parameter elements fetched ahead of their use."),
+    f"{_ZERO}.stage3_param_persistence_threshold": (
+        "int", "ZeRO-3: parameters with fewer elements stay whole on every GPU (no gather for small tensors)."),
+    f"{_ZERO}.stage3_max_live_parameters": (
+        "int", "ZeRO-3: most parameter elements gathered on a GPU at once before some are released."),
+    f"{_ZERO}.stage3_max_reuse_distance": (
+        "int", "ZeRO-3: a parameter needed again within this many elements is kept instead of released."),
+    f"{_ZERO}.stage3_gather_16bit_weights_on_model_save": (
+        "bool", "ZeRO-3: also save a consolidated 16-bit model at each checkpoint (false: export reads the shards)."),
+    f"{_ZERO}.offload_optimizer.device": ("str", "Where the optimizer state lives: cpu (host RAM) | nvme | none."),
+    f"{_ZERO}.offload_optimizer.pin_memory": ("bool", "Page-locked host memory for the offloaded optimizer state "
+                                                      "(faster transfers, less RAM for everything else)."),
+    f"{_ZERO}.offload_param.device": ("str", "ZeRO-3: where parameters live between uses: cpu | nvme | none."),
+    f"{_ZERO}.offload_param.pin_memory": ("bool", "Page-locked host memory for the offloaded parameters."),
+    "trainer.strategy.config.activation_checkpointing.partition_activations": (
+        "bool", "DeepSpeed's own activation checkpointing (deepspeed.checkpointing), which moshi's layers do not "
+                "use (they checkpoint with torch.utils.checkpoint: model.gradient_checkpointing): split saved "
+                "activations across model-parallel ranks."),
+    "trainer.strategy.config.activation_checkpointing.cpu_checkpointing": (
+        "bool", "DeepSpeed's activation checkpointing: keep partitioned activations in host RAM."),
+    "trainer.strategy.config.activation_checkpointing.contiguous_memory_optimization": (
+        "bool", "DeepSpeed's activation checkpointing: copy activations into one contiguous buffer."),
+    "trainer.strategy.config.zero_allow_untested_optimizer": (
+        "bool", "Let ZeRO wrap the run's torch AdamW (DeepSpeed otherwise accepts only its own optimizers)."),
+    "trainer.strategy.config.zero_force_ds_cpu_optimizer": (
+        "bool", "With an offloaded optimizer, do not force DeepSpeed's CPUAdam (false: the run's AdamW steps)."),
+    "trainer.strategy.config.communication_data_type": (
+        "str | None", "Dtype of gradient communication (fp32, bf16, fp16); null: the training dtype."),
+    "trainer.strategy.config.steps_per_print": (
+        "int", "DeepSpeed's own progress line every N steps (huge: never; the run logs its own)."),
+    "trainer.strategy.config.wall_clock_breakdown": (
+        "bool", "DeepSpeed times forward, backward and step at every step (profiling)."),
 }

@@ -26,9 +26,17 @@ def run_steps(default: int, *, _root_) -> int:
 
 def config_help() -> str:
     """Every key's documentation, for ``python train.py --help`` (``$`` escaped for its template)."""
-    from moshi_ttt.config.explain import GROUP_DOCS, KeyDoc, all_keys, render
+    from moshi_ttt.config.explain import (
+        all_keys,
+        component_keys,
+        renamed_list,
+        render,
+        strategy_heading,
+        strategy_keys,
+    )
 
-    text = render(all_keys()) + "\n" + render([KeyDoc(k, "component", "", v, None) for k, v in GROUP_DOCS.items()])
+    text = "\n".join([render(all_keys()), "", strategy_heading(), render(strategy_keys()), "",
+                      "Named components (callbacks.NAME, logger.NAME):", render(component_keys()), "", renamed_list()])
     return text.replace("$", "$$")
 
 

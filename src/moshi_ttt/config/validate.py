@@ -1,7 +1,9 @@
 """``validate_config(cfg)``: every check that needs neither the model nor a training step.
 
 Hydra already rejects wrong types (the schema); this adds ranges and cross-key rules. Each
-error is a ``ConfigError`` whose message names the key, the value and what is allowed.
+error is a ``ConfigError`` whose message names the key, the value and what is allowed. It
+first moves renamed ``ttt`` keys to their new names in ``cfg`` (``moshi_ttt.config.groups``),
+so that the run, its config.yaml and its checkpoints see only the new names.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moshi_ttt.config.errors import ConfigError, bad
+from moshi_ttt.config.groups import apply_renames, model_settings, ttt_settings
 from moshi_ttt.config.stages import parse_stages
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9._=-]{1,128}$")
@@ -67,6 +70,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Catch bad settings before any model is built or any step runs; raises ``ConfigError``."""
     c = _Checker(cfg)
     _check_resolves(cfg)
+    apply_renames(cfg)
     c.require("run_name", lambda v: isinstance(v, str) and bool(_RUN_NAME.match(v)),
               "use 1-128 letters, digits, '.', '_', '-', '=' (it becomes a path and the W&B run id)")
     c.require("run_name", lambda v: v not in (".", ".."), "must name a directory of its own, not '.' or '..'")
@@ -80,12 +84,11 @@ def validate_config(cfg: DictConfig) -> None:
     _check_components(c, "callbacks")
     _check_components(c, "logger")
     _check_ttt(c, stages)
-    model = c.get("model")
-    if model is not None and model.get("source") != "hf":  # hub look-ups happen at load time
-        from moshi_ttt.models.build import source_config
+    model = model_settings(c.get("model"))
+    if model.source != "hf":  # hub look-ups happen at load time
         from moshi_ttt.models.loading import locate_checkpoint
 
-        locate_checkpoint(source_config(model))
+        locate_checkpoint(model)
 
 
 def _check_resolves(cfg: DictConfig) -> None:
@@ -243,21 +246,22 @@ def _check_components(c: _Checker, group: str) -> None:
 
 
 def _check_ttt(c: _Checker, stages) -> None:
-    ttt = c.get("ttt")
-    if ttt is None or ttt.get("variant", "none") == "none" or ttt.get("layer") is None:
-        return
-    from moshi_ttt.ttt.config import TTTConfig, check_stage_mini_batch
+    from moshi_ttt.models.cache_replacement import MEMORY_READS
+    from moshi_ttt.models.variants import VARIANTS
+    from moshi_ttt.ttt.config import check_stage_mini_batch
 
-    layer = OmegaConf.to_container(ttt.layer, resolve=True)
-    try:
-        built = TTTConfig(**layer)
-    except TypeError as exn:
-        raise ConfigError(f"ttt.layer: {exn}") from exn
-    except ValueError as exn:  # TTTConfig names the key (ttt.layer.<field>)
-        raise ConfigError(str(exn)) from exn
+    ttt = ttt_settings(c.get("ttt"))  # types, unknown keys and TTTConfig's ranges, named ttt.<key>
+    if ttt.variant not in VARIANTS:
+        raise bad("ttt.variant", ttt.variant, f"one of {', '.join(VARIANTS)}")
+    if ttt.variant == "none":
+        return
+    for key in ("default_num_layers", "ttt_layer_attention_window"):
+        c.positive_int(f"ttt.{key}")
+    if ttt.variant == "cache_replacement" and ttt.memory_read not in MEMORY_READS:
+        raise bad("ttt.memory_read", ttt.memory_read, f"one of {', '.join(MEMORY_READS)}")
     for i, stage in enumerate(stages):  # the one rule, shared with the layers' configure_for_stage
         try:
-            check_stage_mini_batch(stage.ttt_mini_batch_size, built.mini_batch_size,
+            check_stage_mini_batch(stage.ttt_mini_batch_size, ttt.ttt_layer.mini_batch_size,
                                    f"curriculum.stages.{i}.ttt_mini_batch_size")
         except ValueError as exn:
             raise ConfigError(str(exn)) from exn

@@ -49,8 +49,8 @@ def check_context(layout: ModelLayout, frames: int, batch_size: int = 1) -> Chec
                     name)
         elif lay.kind == "cache_replacement":
             keeping.append(name)
-            res.add("ok", f"{name}: local window {seconds(W)} (ttt.window={lay.ttt_window}); frames that leave it are "
-                    "written into the layer's TTT memory (not lost)", name)
+            res.add("ok", f"{name}: local window {seconds(W)} (ttt.ttt_layer_attention_window={lay.ttt_window}); "
+                    "frames that leave it are written into the layer's TTT memory (not lost)", name)
         elif lay.kind == "hybrid":
             keeping.append(name)
             res.add("ok", f"{name}: local window {seconds(W)} in parallel with a TTT memory over the whole stream "

@@ -27,7 +27,7 @@ class LayerLayout:
     kv_heads: int
     head_dim: int
     cache_bytes_per_value: int  # bytes of one cached key/value element (the weights' dtype)
-    ttt_window: int | None = None  # cache_replacement: ttt.window (frames before the memory takes over)
+    ttt_window: int | None = None  # cache_replacement: ttt.ttt_layer_attention_window (then the memory)
 
     def to_dict(self) -> dict:
         return asdict(self)

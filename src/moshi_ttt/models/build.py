@@ -7,34 +7,38 @@ from collections.abc import Mapping
 
 from moshi.models.lm import LMModel
 
+from moshi_ttt.config.groups import model_settings
+from moshi_ttt.config.schema import ModelConfig, TTTVariantConfig
 from moshi_ttt.models.insert import install_ttt
-from moshi_ttt.models.loading import MoshiSourceConfig, load_base_moshi
+from moshi_ttt.models.loading import load_base_moshi
 from moshi_ttt.models.lora import apply_lora
 
 logger = logging.getLogger(__name__)
 
-_SOURCE_KEYS = ("source", "repo", "path", "revision", "lm_kwargs", "dtype", "device", "seed")
+
+def source_config(model_cfg: Mapping | ModelConfig) -> ModelConfig:
+    """The ``model`` section (composed or a plain dict) checked against the schema's ``ModelConfig``."""
+    return model_settings(model_cfg)
 
 
-def source_config(model_cfg: Mapping) -> MoshiSourceConfig:
-    return MoshiSourceConfig(**{k: model_cfg[k] for k in _SOURCE_KEYS if k in model_cfg})
-
-
-def build_model(model_cfg: Mapping, ttt_cfg: Mapping | None = None) -> LMModel:
+def build_model(model_cfg: Mapping | ModelConfig, ttt_cfg: Mapping | TTTVariantConfig | None = None) -> LMModel:
     """The base from its source with every base weight frozen, then LoRA, linear-cost attention
-    and the TTT variant on top (only LoRA and TTT parameters require gradients)."""
-    model = load_base_moshi(source_config(model_cfg))
-    lora = model_cfg.get("lora") or {}
-    n = apply_lora(model, int(lora.get("rank", 0)), float(lora.get("scaling", 2.0)),
-                   str(lora.get("modules", "transformer")))
+    and the TTT variant on top (only LoRA and TTT parameters require gradients).
+
+    Both configs are read through the schema's dataclasses (``moshi_ttt.config.groups``): a plain
+    dict from a checkpoint, an export or a test gets the same defaults, checks and renames."""
+    settings = model_settings(model_cfg)
+    model = load_base_moshi(settings)
+    lora = settings.lora
+    n = apply_lora(model, int(lora.rank), float(lora.scaling), str(lora.modules))
     if n:
-        logger.info("LoRA rank %d on %d linear layers", int(lora["rank"]), n)
+        logger.info("LoRA rank %d on %d linear layers", int(lora.rank), n)
     install_ttt(model, ttt_cfg)
-    if model_cfg.get("train_base"):
+    if settings.train_base:
         # Pretraining a (tiny) base from scratch, e.g. for the memory experiment: everything trains.
         for p in model.parameters():
             p.requires_grad_(True)
-    if model_cfg.get("gradient_checkpointing"):
+    if settings.gradient_checkpointing:
         model.transformer.checkpointing = True
         if model.depformer is not None:  # at 30 min the depformer's activations dominate memory
             model.depformer.checkpointing = True

@@ -66,7 +66,7 @@ class CacheReplacementAttention(LocalStreamingAttention):
         if memory_read not in MEMORY_READS:
             raise ValueError(f"ttt.memory_read={memory_read!r} must be one of {MEMORY_READS}")
         if window < 1:
-            raise ValueError(f"ttt.window={window} must be >= 1")
+            raise ValueError(f"ttt.ttt_layer_attention_window={window} must be >= 1")
         if memory_slots is not None:
             raise ValueError(f"ttt.memory_slots={memory_slots}: kv_slots no longer reads fixed probe slots; each "
                              "query reads its own slot f_W(q) (remove ttt.memory_slots)")

@@ -3,93 +3,88 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 
 from moshi.models.lm import LMModel
 from torch import nn
 
+from moshi_ttt.config.groups import ttt_settings
+from moshi_ttt.config.schema import TTTVariantConfig
 from moshi_ttt.models.attention import LocalStreamingAttention, install_local_attention
 from moshi_ttt.models.cache_replacement import CacheReplacementAttention
 from moshi_ttt.models.rope import install_position_scale
 from moshi_ttt.models.variants import PLACEMENTS, VARIANTS, TTTWrappedLayer
-from moshi_ttt.ttt import TTTConfig
 
 logger = logging.getLogger(__name__)
 
-_KEYS = {"variant", "layers", "layer", "window", "memory_read", "memory_slots", "hybrid_alpha_init", "attention_window",
-         "attention_chunk_size", "attention_backend", "rope_max_period", "rope_position_scale",
-         "default_num_layers"}
 
-
-def selected_layers(ttt_cfg: Mapping, num_layers: int) -> list[int]:
-    """``ttt.layers`` (negative indices count from the end), default the last few layers."""
-    layers = ttt_cfg.get("layers")
-    if layers is None:
-        n = min(num_layers, int(ttt_cfg.get("default_num_layers", 3)))
+def selected_layers(ttt_cfg: Mapping | TTTVariantConfig | None, num_layers: int) -> list[int]:
+    """``ttt.layer_indices`` (negative indices count from the end), default the last
+    ``ttt.default_num_layers`` layers."""
+    settings = ttt_settings(ttt_cfg or {})
+    indices = settings.layer_indices
+    if indices is None:
+        n = min(num_layers, int(settings.default_num_layers))
         return list(range(num_layers - n, num_layers))
     out = []
-    for i in layers:
+    for i in indices:
         j = i + num_layers if i < 0 else i
         if not 0 <= j < num_layers:
-            raise ValueError(f"ttt.layers: {i} is out of range for a model with {num_layers} layers")
+            raise ValueError(f"ttt.layer_indices: {i} is out of range for a model with {num_layers} layers")
         out.append(j)
     if len(set(out)) != len(out):
-        raise ValueError(f"ttt.layers={list(layers)} names a layer twice")
+        raise ValueError(f"ttt.layer_indices={list(indices)} names a layer twice")
     return sorted(out)
 
 
-def install_ttt(model: LMModel, ttt_cfg: Mapping | None) -> list[nn.Module]:
+def install_ttt(model: LMModel, ttt_cfg: Mapping | TTTVariantConfig | None) -> list[nn.Module]:
     """Linear-cost attention everywhere, then the variant in the selected layers. Returns the new
-    TTT-bearing modules (their parameters are the trainable ones)."""
-    ttt_cfg = dict(ttt_cfg or {"variant": "none"})
-    unknown = set(ttt_cfg) - _KEYS
-    if unknown:
-        raise ValueError(f"ttt: unknown key(s) {sorted(unknown)}")
-    if ttt_cfg.pop("hybrid_alpha_init", None) is not None:
-        warnings.warn("ttt.hybrid_alpha_init is deprecated and ignored: hybrid now keeps attention at full "
-                      "strength and adds the gated TTT read (step 0 is the frozen model)", DeprecationWarning,
-                      stacklevel=2)
-    variant = ttt_cfg.get("variant", "none")
+    TTT-bearing modules (their parameters are the trainable ones).
+
+    ``ttt_cfg`` is the ``ttt`` section, composed or a plain dict (None: no TTT), read through the
+    schema's ``TTTVariantConfig`` (``moshi_ttt.config.groups.ttt_settings``: defaults, types,
+    unknown keys, renamed keys)."""
+    settings = ttt_settings(ttt_cfg if ttt_cfg is not None else {"variant": "none"})
+    variant = settings.variant
     if variant not in VARIANTS:
         raise ValueError(f"ttt.variant={variant!r} must be one of {VARIANTS}")
     transformer = model.transformer
-    if ttt_cfg.get("rope_max_period") is not None:
+    if settings.rope_max_period is not None:
         if transformer.rope is None:
             raise ValueError("ttt.rope_max_period is set but the model has no RoPE")
-        transformer.rope.max_period = float(ttt_cfg["rope_max_period"])
-    if ttt_cfg.get("rope_position_scale") not in (None, 1, 1.0):
-        install_position_scale(transformer, ttt_cfg["rope_position_scale"])
-    chunk, backend = ttt_cfg.get("attention_chunk_size"), ttt_cfg.get("attention_backend", "sdpa")
-    install_local_attention(model, window=ttt_cfg.get("attention_window"), chunk_size=chunk, backend=backend)
+        transformer.rope.max_period = float(settings.rope_max_period)
+    if settings.rope_position_scale not in (None, 1, 1.0):
+        install_position_scale(transformer, settings.rope_position_scale)
+    chunk, backend = settings.attention_chunk_size, settings.attention_backend
+    install_local_attention(model, window=settings.attention_window, chunk_size=chunk, backend=backend)
     if variant == "none":
         return []
-    layer_cfg = TTTConfig(**dict(ttt_cfg.get("layer") or {}))
+    layer_cfg = settings.ttt_layer
+    window = int(settings.ttt_layer_attention_window)
     dim = model.dim
     norm = getattr(transformer.layers[0].norm1, "__class__", None)
     norm_name = "rms_norm_f32" if norm is not None and "RMS" in norm.__name__ else "layer_norm"
     device = next(model.parameters()).device
+    layers = selected_layers(settings, len(transformer.layers))
     new: list[nn.Module] = []
-    for i in selected_layers(ttt_cfg, len(transformer.layers)):
+    for i in layers:
         name = f"layer{i}"
         layer = transformer.layers[i]
         if variant in PLACEMENTS:
             if variant == "hybrid":
-                LocalStreamingAttention.from_moshi(layer.self_attn, int(ttt_cfg.get("window", 256)), chunk, backend)
+                LocalStreamingAttention.from_moshi(layer.self_attn, window, chunk, backend)
                 layer.self_attn.fixed_window = True
             wrapped = TTTWrappedLayer(layer, variant, layer_cfg, dim, name, norm=norm_name).to(device)
             transformer.layers[i] = wrapped
             new.append(wrapped)
         else:
             attn = CacheReplacementAttention.from_moshi_with_memory(
-                layer.self_attn, int(ttt_cfg.get("window", 256)), layer_cfg, name,
-                memory_read=ttt_cfg.get("memory_read", "add"), chunk_size=chunk, backend=backend,
-                memory_slots=ttt_cfg.get("memory_slots"))
+                layer.self_attn, window, layer_cfg, name, memory_read=settings.memory_read, chunk_size=chunk,
+                backend=backend)
             new.append(attn)
     base = {id(p) for p in model.parameters() if not p.requires_grad}
     trainable = sum(p.numel() for m in new for p in m.parameters() if id(p) not in base)
-    logger.info("ttt.variant=%s in layers %s: %s new parameters", variant,
-                selected_layers(ttt_cfg, len(transformer.layers)), f"{trainable:,}")
+    logger.info("ttt.variant=%s in layers %s: %s new parameters", variant, layers, f"{trainable:,}")
     return new
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
+
+from moshi_ttt.config.schema import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +29,9 @@ _NON_LM_KEYS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name",
                 "lm_gen_config", "tts_config", "stt_config", "model_id")
 
 
-@dataclass
-class MoshiSourceConfig:
-    source: str = "tiny"  # hf | dir | tiny
-    repo: str | None = None  # for source=hf
-    path: str | None = None  # for source=dir
-    revision: str | None = None
-    lm_kwargs: dict = field(default_factory=dict)  # source=tiny: the full kwargs; else overrides
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0  # random init for source=tiny
+#: The ``model`` group's dataclass (``moshi_ttt.config.schema.ModelConfig``): loading reads its
+#: source fields (source, repo, path, revision, lm_kwargs, dtype, device, seed).
+MoshiSourceConfig = ModelConfig
 
 
 def _resolve_dtype(name: str) -> torch.dtype:

@@ -65,7 +65,7 @@ def run_config(ckpt: str | Path, raw: dict | None = None, fallback: str | Path |
     if cfg is not None:
         if not isinstance(cfg, dict) or "model" not in cfg:
             raise ValueError(f"{ckpt}: checkpoint[{CONFIG_KEY!r}] holds no 'model' section")
-        return cfg
+        return _current_names(cfg, ckpt)
     path = Path(fallback) if fallback is not None else find_run_config(ckpt)
     if path is None or not path.exists():
         raise FileNotFoundError(f"{ckpt}: the checkpoint has no {CONFIG_KEY!r} (written before checkpoints "
@@ -75,7 +75,15 @@ def run_config(ckpt: str | Path, raw: dict | None = None, fallback: str | Path |
     cfg = yaml.safe_load(path.read_text())
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise ValueError(f"{path}: no 'model' section (not a run's config.yaml)")
-    return cfg
+    return _current_names(cfg, path)
+
+
+def _current_names(cfg: dict, source: Path) -> dict:
+    """The run config with its ``ttt`` section under the current key names (a config stored before a
+    rename is moved with a warning that names the new key) and the schema's defaults filled in."""
+    from moshi_ttt.config.groups import ttt_dict
+
+    return {**cfg, "ttt": ttt_dict(cfg.get("ttt"), f"{source}: ttt")}
 
 
 def trained_state_dict(ckpt: str | Path, raw: dict | None = None) -> dict[str, torch.Tensor]:

@@ -48,9 +48,25 @@ def _compared(key: str) -> bool:
 _MISSING = "<absent>"
 
 
+def _canonical(cfg: dict) -> dict:
+    """``model`` and ``ttt`` read through the schema: the current key names (a checkpoint written before a
+    rename compares as the new names) and every default filled in (a key added to the schema since then
+    compares as its default)."""
+    from moshi_ttt.config.groups import model_dict, ttt_dict
+
+    out = dict(cfg)
+    for key, read in (("model", model_dict), ("ttt", ttt_dict)):
+        if key in out:
+            try:
+                out[key] = read(out[key])
+            except ConfigError:
+                pass  # compared as stored: the difference is named key by key
+    return out
+
+
 def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
     """dotted key -> (checkpoint's value, this run's value) for every compared key that differs."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = _flatten(_canonical(saved)), _flatten(_canonical(current))
     return {k: (old.get(k, _MISSING), new.get(k, _MISSING)) for k in sorted(set(old) | set(new))
             if _compared(k) and old.get(k, _MISSING) != new.get(k, _MISSING)}
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 INNER_MODELS = ("linear", "mlp")
 #: Where these settings live in the Hydra config: every error message names ``<CONFIG_KEY>.<field>``.
-CONFIG_KEY = "ttt.layer"
+CONFIG_KEY = "ttt.ttt_layer"
 
 
 def config_key(field: str) -> str:
@@ -28,45 +28,48 @@ def check_stage_mini_batch(stage_value: int | None, built: int, where: str) -> N
 
 @dataclass
 class TTTConfig:
-    """Hyper-parameters of a multi-head TTT layer (Sun et al., 2024, with the video-TTT guards).
+    """Settings of the TTT layer in each selected Moshi layer (Sun et al., 2024, with the video-TTT guards).
 
-    Field names are the keys under ``ttt.layer`` in the Hydra config, and errors name them so.
+    Field names are the keys under ``ttt.ttt_layer`` in the Hydra config (the config schema uses
+    this class for that group, so its defaults are the only ones), and errors name them so.
     """
 
     num_heads: int = 4
-    #: Width of one head; ``None`` means ``dim // num_heads`` of the layer it is built into.
+    """TTT heads, each with its own fast weights (cache_replacement: one per attention head instead)."""
     head_dim: int | None = None
-    #: Inner model: ``linear`` (W, b) or ``mlp`` (W1, b1, GELU, W2, b2), each as f(x) = x + LN(g(x)).
+    """Width of one head; null: the model width divided by num_heads."""
     inner: str = "linear"
-    #: Hidden width of the MLP inner model, as a multiple of head_dim.
+    """Inner model f(x) = x + LN(g(x)): linear (g = W x + b) or mlp (W2 GELU(W1 x + b1) + b2)."""
     mlp_expansion: int = 4
-    #: Tokens (frames, 80 ms each) per inner gradient step, for both inner models: 16 as in the TTT
-    #: language models (Sun et al., 2024); the video model's 64 for MLP would update the memory
-    #: only every 5 s of conversation.
+    """Hidden width of the mlp inner model, as a multiple of head_dim."""
     mini_batch_size: int = 16
-    #: eta = base_lr * sigmoid(x . w + b) / head_dim, then clamped to [eta_min, eta_max].
+    """Frames (80 ms each) per inner gradient step, for both inner models: 16 as in the TTT language models
+    (Sun et al., 2024); the video model's 64 for mlp would update the memory only every 5 s of conversation."""
     base_lr: float = 1.0
+    """Inner learning rate scale: eta = base_lr * sigmoid(x . w + b) / head_dim, then clamped to [eta_min, eta_max]."""
     eta_min: float = 0.0
+    """Lower clamp of the inner learning rate eta."""
     eta_max: float = 1.0
-    #: Learnable offsets on the 1/(i+1) weights of position i inside a mini-batch.
+    """Upper clamp of the inner learning rate eta."""
     per_position_lr: bool = True
-    #: The output is tanh(alpha) * TTT(x) with alpha per channel starting here, so Moshi starts near itself.
+    """Learnable offsets on the 1/(i+1) weights of position i inside a mini-batch."""
     gate_init: float = 0.1
-    #: A learned output projection initialised at zero; without it num_heads * head_dim must equal dim.
+    """The output is tanh(alpha) * TTT(x) with alpha per channel starting here, so Moshi starts near itself."""
     output_proj: bool = True
-    #: L2-normalise XQ and XK per head (keeps the inner gradient bounded whatever the input scale).
+    """A learned output projection initialised at zero; without it num_heads * head_dim must equal the model width."""
     qk_l2_norm: bool = True
-    #: Max Frobenius norm of each fast-weight tensor per sample and head after an update; None = off.
+    """L2-normalise queries and keys per head (keeps the inner gradient bounded whatever the input scale)."""
     weight_norm_clip: float | None = None
-    #: Mini-batches per gradient-checkpoint group of the scan; 0 = no checkpointing (needed only
-    #: for a double backward through the layer; costs activation memory linear in T).
+    """Max Frobenius norm of each fast-weight tensor per sample and head after an update; null: no clipping."""
     checkpoint_group_size: int = 16
-    #: Raise an error naming the layer and the position as soon as an output or fast weight is NaN/Inf.
+    """Mini-batches per gradient-checkpoint group of the scan; 0: no checkpointing (needed only for a double
+    backward through the layer; costs activation memory linear in the sequence length)."""
     nan_guard: bool = True
-    #: Std of the normal init of projections and initial fast weights.
+    """Raise an error naming the layer and the position as soon as an output or fast weight is NaN/Inf."""
     init_std: float = 0.02
-    #: Epsilon of the per-head LayerNorm inside f.
+    """Std of the normal init of projections and initial fast weights."""
     ln_eps: float = 1e-6
+    """Epsilon of the per-head LayerNorm inside f."""
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_MODELS:
