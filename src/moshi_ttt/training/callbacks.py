@@ -9,6 +9,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moshi_ttt.data import StreamPosition
 
@@ -86,6 +87,14 @@ class ResumeStateCallback(L.Callback):
         if state is not None:
             set_rng_states(state)
             self._pending_rng = None
+        if trainer.ckpt_path is not None:
+            # The step the run resumes at is saved already (it is the checkpoint). ModelCheckpoint
+            # does not keep that in its state and would save this step again at the next batch
+            # end: under gradient accumulation that is the first micro-batch, a mid-step state
+            # written over the good step checkpoint and last.ckpt.
+            for cb in trainer.checkpoint_callbacks:
+                if isinstance(cb, ModelCheckpoint):
+                    cb._last_global_step_saved = trainer.global_step
 
 
 class RunConfigCallback(L.Callback):

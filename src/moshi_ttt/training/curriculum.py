@@ -90,6 +90,8 @@ class CurriculumCallback(L.Callback):
         self.curriculum = curriculum
         self.checkpoint_dir = checkpoint_dir
         self._announced: int | None = None  # the stage whose banner is logged (train and epoch start both enter)
+        #: Resumed from the last stage's end before its validation: ``train`` runs it after ``fit``.
+        self.final_validation_pending = False
 
     def _stage(self, trainer) -> tuple[int, Stage]:
         i, _ = self.curriculum.stage_of_epoch(trainer.current_epoch, trainer.global_step)
@@ -105,24 +107,21 @@ class CurriculumCallback(L.Callback):
         old stage with the length of the *next* stage's loader: stages of different lengths then
         start mid-way (a step replayed, the epoch counter off by one). Counting the next stage's
         length makes Lightning start the next stage cleanly; the validation the checkpoint
-        preceded is run at train start (``_validate_finished_stage``).
+        preceded is run at train start (``_validate_finished_stage``). After the last stage
+        Lightning has nothing left to run, so that validation is left to ``train`` once ``fit``
+        returns (``final_validation_pending``).
         """
         fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
         batches = fit.get("epoch_loop.batch_progress")
         ends = list(itertools.accumulate(s.steps for s in self.curriculum.stages))
         step = int(checkpoint.get("global_step", -1))
-        if (batches and step > 0 and not batches.get("is_last_batch")
-                and batches["total"]["completed"] == batches["total"]["processed"] > 0):
-            # Written inside the step's validation (ModelCheckpoint re-saving last.ckpt after the
-            # validation Lightning runs when a run is told to stop, e.g. preemption): restore it as
-            # the batch-end checkpoint of the same step, which Lightning resumes exactly.
-            for progress in (batches["total"], batches["current"]):
-                progress["completed"] -= 1
-            fit.setdefault("epoch_loop.state_dict", {})["_batches_that_stepped"] = step - 1
+        if not batches or not batches.get("is_last_batch") or step not in ends:
             return
-        if not batches or not batches.get("is_last_batch") or step not in ends[:-1]:
+        before_validation = batches["total"]["completed"] == batches["total"]["processed"] - 1
+        if step == ends[-1]:
+            self.final_validation_pending = before_validation
             return
-        if batches["total"]["completed"] == batches["total"]["processed"]:
+        if not before_validation:
             # Written after the batch (ModelCheckpoint re-saving last.ckpt after the validation, or
             # at epoch end without validation): restore it as the batch-end checkpoint of the step.
             for progress in (batches["total"], batches["current"]):
@@ -166,7 +165,21 @@ class CurriculumCallback(L.Callback):
         self._enter_stage(trainer, pl_module)
         if getattr(self, "_validate_on_start", False):
             self._validate_on_start = False
+            # Lightning closed the finished stage's epoch while restoring and goes on as if it
+            # were mid-way through the next one, so it will not count that epoch as ready and
+            # started: count it here, or every later checkpoint's epoch counters are one behind
+            # an uninterrupted run's (and a resume from them logs under the wrong epoch).
+            trainer.fit_loop.epoch_progress.increment_ready()
+            trainer.fit_loop.epoch_progress.increment_started()
             self._validate_finished_stage(trainer)
+            self._restart_val_count = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if getattr(self, "_restart_val_count", False):
+            # The validations counted per epoch: the restored stage's first batch (still "restarting"
+            # for Lightning) fast-forwarded them to the end; the new stage has run none yet.
+            self._restart_val_count = False
+            trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.reset()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._enter_stage(trainer, pl_module)

@@ -154,12 +154,12 @@ class MoshiTTTModule(L.LightningModule):
         norms = [p.grad.detach().float().norm() for _, p in self.trainable_named_parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm())
+        # The LR of this optimizer step, logged here (not at batch end) so that a checkpoint
+        # written at the batch end already has it in the step's metrics row.
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         release_segments()  # this batch's backward (and any recomputation in it) is done
-        opt = self.optimizers()
-        lr = opt.param_groups[0]["lr"] if not isinstance(opt, list) else opt[0].param_groups[0]["lr"]
-        self.log("train/lr", lr)
 
     # ---- optimisation --------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -1,10 +1,18 @@
 """Preemption: checkpoint at a safe point and requeue, owned by one component (this one).
 
 SLURM sends SIGUSR1 some seconds before it stops a job (``--signal=SIGUSR1@90``). The signal
-handler only sets a flag; at the end of the next optimizer step every rank agrees on it (one
-scalar all-reduce), all ranks write ``last.ckpt`` together and training stops cleanly. Only
-once ``fit`` has returned, the loggers are closed (the W&B run file complete) and the run
-directory's lock is released does rank 0 run ``scontrol requeue $SLURM_JOB_ID``
+handler only sets a flag; at the end of the next optimizer step, after every other callback's
+batch-end work (step and stage-end checkpoints), every rank agrees on it (one scalar
+all-reduce), all ranks write ``last.ckpt`` together and ``Preempted`` leaves ``fit`` at once.
+
+Leaving by an exception, not by ``trainer.should_stop``, is what makes the resume exact: a
+stop request makes Lightning validate once more, re-save ``last.ckpt`` from inside that
+validation and close the epoch, so the checkpoint no longer describes "right after this
+step" and the next stage resumed one accumulated batch off. After ``Preempted`` nothing runs
+but Lightning's teardown (loggers flushed); the run is in exactly the state of a node lost
+right after the checkpoint, which resumes exactly. Only once ``fit`` has returned, the loggers
+are closed (the W&B run file complete) and the run directory's lock is released does rank 0
+run ``scontrol requeue $SLURM_JOB_ID``
 (``requeue_if_preempted``): Slurm kills the job at once when it requeues it. The requeued job reruns the
 same command, whose ``run_name`` points at the same run directory, and resumes from that
 checkpoint. Lightning's own SLURM auto-requeue (which saves inside the signal handler) is
@@ -22,6 +30,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 from moshi_ttt import signals
 
@@ -36,7 +45,19 @@ def requeue_command() -> list[str] | None:
     return ["scontrol", "requeue", job]
 
 
-class PreemptionCallback(L.Callback):
+class Preempted(Exception):
+    """Raised out of ``trainer.fit`` once the preemption checkpoint is on disk (caught by ``train``)."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"preempted: checkpoint of step {step} written to {path}")
+        self.step, self.path = step, path
+
+
+class PreemptionCallback(Checkpoint):
+    """A ``Checkpoint`` so that Lightning runs its batch-end hook after every other callback's
+    (``_reorder_callbacks`` puts checkpoint callbacks last; ``build_trainer`` puts this one last
+    of all): the step's own checkpoints and logged values exist before the run leaves."""
+
     def __init__(self, checkpoint_dir: str, signal_name: str = "SIGUSR1", requeue: bool = True):
         self.checkpoint_dir = checkpoint_dir
         self.signum = getattr(signal, signal_name)
@@ -73,7 +94,7 @@ class PreemptionCallback(L.Callback):
                 logger.warning("preemption signal: checkpoint written at step %d to %s", trainer.global_step, path)
             self._flag = False
             self.preempted = True
-            trainer.should_stop = True
+            raise Preempted(trainer.global_step, path)
 
 
 def requeue_if_preempted(trainer: L.Trainer) -> bool:

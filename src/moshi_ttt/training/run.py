@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moshi_ttt.config.validate import validate_config
 from moshi_ttt.models.build import build_model
+from moshi_ttt.models.segments import release_segments
 from moshi_ttt.training.callbacks import MetricsRowAtCheckpoint, RunConfigCallback
 from moshi_ttt.training.checkpointing import AtomicCheckpointIO
 from moshi_ttt.training.cpu_runtime import tune_cpu_runtime
@@ -22,7 +23,7 @@ from moshi_ttt.training.curriculum import Curriculum, CurriculumCallback
 from moshi_ttt.training.deepspeed_strategy import previous_checkpoint
 from moshi_ttt.training.loss import LossConfig
 from moshi_ttt.training.module import MoshiTTTModule, OptimConfig
-from moshi_ttt.training.preemption import requeue_if_preempted
+from moshi_ttt.training.preemption import Preempted, PreemptionCallback, requeue_if_preempted
 from moshi_ttt.training.resume_config import check_resume_config
 from moshi_ttt.training.rundir import (
     RunLock,
@@ -113,6 +114,8 @@ def build_trainer(cfg: DictConfig, curriculum: Curriculum | None = None, **overr
         callbacks.append(CurriculumCallback(curriculum, str(Path(cfg.paths.run_dir) / "checkpoints")))
         kwargs.update(max_steps=curriculum.total_steps, max_epochs=-1, reload_dataloaders_every_n_epochs=1,
                       val_check_interval=None, check_val_every_n_epoch=1, accumulate_grad_batches=1)
+    # Preemption acts last at a batch end (after the step's checkpoints), see PreemptionCallback.
+    callbacks.sort(key=lambda c: isinstance(c, PreemptionCallback))
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)
 
@@ -138,6 +141,18 @@ def _finish_wandb(trainer: L.Trainer) -> None:
         import wandb
 
         wandb.finish()
+
+
+def _run_pending_final_validation(trainer: L.Trainer, module, datamodule) -> None:
+    """A run resumed from its last step's checkpoint, written before the final validation (a
+    node lost in between), has no step left for Lightning to run: validate here, logged at the
+    last step as an uninterrupted run logs it."""
+    cb = next((c for c in trainer.callbacks if isinstance(c, CurriculumCallback)), None)
+    if cb is None or not cb.final_validation_pending or not trainer.enable_validation:
+        return
+    cb.final_validation_pending = False
+    logger.info("running the final validation that the resumed checkpoint was written before")
+    trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -180,7 +195,13 @@ def _train(cfg: DictConfig, run_dir: Path, curriculum: Curriculum, datamodule, o
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         for lg in trainer.loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except Preempted as stop:
+        release_segments()  # the step's batch-end hooks after the preemption's did not run
+        logger.warning("%s; the rerun of this command resumes from it", stop)
+    else:
+        _run_pending_final_validation(trainer, module, datamodule)
     _finish_wandb(trainer)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
