@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from moshi_ttt.config.groups import ttt_dict
 from moshi_ttt.config.validate import validate_config
 from moshi_ttt.models.build import build_model
 from moshi_ttt.models.segments import release_segments
@@ -89,6 +90,16 @@ def _setup_logging() -> None:
     logging.getLogger("moshi_ttt").setLevel(logging.INFO)
 
 
+def run_config(cfg: DictConfig) -> dict:
+    """The resolved config as the run records it (config.yaml, checkpoints, loggers): ``ttt``
+    under its current names only, without the deprecated fields the schema keeps (null) so
+    that old names still parse."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    if out.get("ttt") is not None:
+        out["ttt"] = ttt_dict(out["ttt"])
+    return out
+
+
 def build_curriculum(cfg: DictConfig) -> Curriculum:
     if cfg.get("curriculum") is None:
         return Curriculum([])
@@ -107,7 +118,7 @@ def build_trainer(cfg: DictConfig, curriculum: Curriculum | None = None, **overr
     if SLURMEnvironment.detect():
         # PreemptionCallback owns requeue; Lightning's own handler would requeue a second time.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    callbacks += [RunConfigCallback(OmegaConf.to_container(cfg, resolve=True)), MetricsRowAtCheckpoint()]
+    callbacks += [RunConfigCallback(run_config(cfg)), MetricsRowAtCheckpoint()]
     kwargs = dict(callbacks=callbacks, logger=loggers or False, plugins=plugins, enable_progress_bar=interactive)
     if curriculum:
         # One stage = one epoch with its own loader; accumulation follows the stage.
@@ -182,7 +193,7 @@ def _train(cfg: DictConfig, run_dir: Path, curriculum: Curriculum, datamodule, o
         remove_temp_files(run_dir / "checkpoints")
     ckpt, content = find_resume_checkpoint(cfg.ckpt_path, run_dir)
     if content is not None:
-        check_resume_config(content, OmegaConf.to_container(cfg, resolve=True), ckpt,
+        check_resume_config(content, run_config(cfg), ckpt,
                             bool(OmegaConf.select(cfg, "resume.allow_config_change", default=False)))
         del content
 
@@ -192,9 +203,9 @@ def _train(cfg: DictConfig, run_dir: Path, curriculum: Curriculum, datamodule, o
     trainer = build_trainer(cfg, curriculum)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config(cfg)))
         for lg in trainer.loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            lg.log_hyperparams(run_config(cfg))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except Preempted as stop:
