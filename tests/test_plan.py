@@ -160,3 +160,30 @@ def test_activation_formulas_match_what_autograd_saves():
     fast_weights = ttt.heads * ttt.fast_weight * 4 * B / (B * T)  # one scan group at T = 160
     assert per_frame["layer1"] - per_frame["layer2"] == pytest.approx(
         P.ttt_saved(D, ttt.inner_width, 2) + fast_weights, rel=0.05)
+
+
+def test_distill_counts_the_teachers_forward_in_the_stages_that_use_it(capsys):
+    """loss.distill in the 5-minute stage only: one more no-grad forward of the frozen 7B (teacher window 3000)
+    that keeps nothing but its logits; the other stages are planned as before."""
+    base = _totals("deepspeed_zero2")
+    taught = _totals("deepspeed_zero2", "curriculum.stages.1.distill_weight=1.0")
+    for b, t in zip(base, taught):
+        assert t.total == pytest.approx(sum(t.terms().values()), rel=1e-9)
+        if t.index != 1:
+            assert (t.total, t.step_time_s, t.teacher, t.distill_weight) == (b.total, b.step_time_s, 0.0, 0.0)
+    b, t = base[1], taught[1]
+    shape = P.prepare(_compose(*SEVEN_B, "trainer=deepspeed_zero2")).shape
+    frames = t.frames * t.batch_size
+    logits = frames * 2 * (shape.text_out + shape.dep_q * shape.card)  # bf16 [B, T, text_card + 8 x 2048]
+    assert t.teacher_forward * 2**30 >= logits and t.teacher * 2**30 >= logits
+    assert t.layer_inputs == b.layer_inputs and t.ttt == b.ttt  # the teacher keeps no activations
+    assert t.activations >= b.activations
+    # time: 2 N per frame plus attention over 3000 frames, added to a compute-bound step
+    assert 2 * t.counts["frozen"] < t.teacher_flops_per_frame < 2.2 * t.counts["frozen"]
+    assert t.bound == "compute" and t.step_time_s == pytest.approx(b.step_time_s + t.teacher_time_s, rel=1e-9)
+    hidden = _totals("deepspeed_zero2", "curriculum.stages.1.distill_weight=1.0", "loss.distill.target=hidden")
+    assert 0 < hidden[1].teacher < t.teacher  # [B, T, D] instead of the logits
+    assert P.main([*SEVEN_B, "trainer=deepspeed_zero2", "loss.distill.weight=0.5", "--gpus", "8", "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert "distill: teacher = the frozen base over 3000 frames" in out and "stage(s) 0, 1, 2" in out
+    assert "teacher forward peak" in out and "GFLOP/frame" in out

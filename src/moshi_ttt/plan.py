@@ -61,6 +61,14 @@ width, ``W`` world size, ``Psi`` trainable parameters):
 
 - fixed overhead: CUDA context, NCCL buffers and allocator fragmentation, ``--overhead-gib``
   (default 3).
+- ``loss.distill`` (in the stages whose distill weight is > 0): the teacher, the frozen base with
+  the teacher's window, runs one no-grad forward before the student's and keeps only its outputs,
+  ``a E`` per frame (``E`` = ``E_text + E_audio`` for ``target=logits``, ``D`` for ``hidden``),
+  which live through the student's forward and loss: the loss phase adds them and the KL's fp32
+  tensors ``12 E`` (``8 D`` for hidden). The teacher's own forward peaks at its outputs plus one
+  layer's intermediates (at most a temporal layer's ``S`` + its attention block with the teacher's
+  window, or a depformer layer's), before anything of the student exists; when that is the larger,
+  the peak phase is ``teacher``.
 
 Throughput model, FLOPs per frame of one sample (``N`` counts matmul weights, from the meta model):
 
@@ -70,6 +78,9 @@ Throughput model, FLOPs per frame of one sample (``N`` counts matmul weights, fr
               + 2 N_trainable for weight gradients, attention 8 W_eff D, TTT inner loop x 2
     recompute the forward of the checkpointed layers >= f, the chunked attention's own block
               recompute (4 W_eff D), the TTT scan's group recompute (inner loop x 1)
+
+A teacher forward (``loss.distill``) adds ``2 N_temporal + 2 N_head + attention 4 W_teacher D`` per layer
++ depformer attention to both the model and the executed FLOPs of its stage (TTT off, no backward).
 
 ``W_eff`` = keys visited per query by the chunked local attention (window ``W`` = the stage's
 attention_window, else ``ttt.attention_window``, else Moshi's context;
@@ -424,6 +435,7 @@ class StageSpec:
     steps: int
     window: int | None
     ttt_mini_batch_size: int | None
+    distill_weight: float = 0.0  # loss.distill's weight in the stage (> 0: a teacher forward every step)
 
 
 def stages_from_config(cfg) -> list[StageSpec]:
@@ -432,14 +444,15 @@ def stages_from_config(cfg) -> list[StageSpec]:
 
     from moshi_ttt.training.curriculum import Curriculum
 
+    weight = float(OmegaConf.select(cfg, "loss.distill.weight", default=0.0) or 0.0)
     curriculum = Curriculum.from_config(_plain(OmegaConf.select(cfg, "curriculum")))
     if curriculum:
         return [StageSpec(i, s.name, s.frames, s.batch_size, s.accumulate, s.steps, s.attention_window,
-                          s.ttt_mini_batch_size)
+                          s.ttt_mini_batch_size, float(s.distill_weight if s.distill_weight is not None else weight))
                 for i, s in enumerate(curriculum.stages)]
     return [StageSpec(0, "default", int(cfg.data.seq_len), int(cfg.data.batch_size),
                       int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches") or 1),
-                      int(cfg.trainer.max_steps), None, None)]
+                      int(cfg.trainer.max_steps), None, None, weight)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +502,12 @@ class StagePlan:
     bound: str
     stage_time_s: float
     counts: dict = field(default_factory=dict)
+    # loss.distill: the teacher's extra no-grad forward of the frozen base (zero where the stage has none)
+    distill_weight: float = 0.0
+    teacher: float = 0.0  # loss phase: the teacher's outputs (compute dtype) + the KL's fp32 tensors
+    teacher_forward: float = 0.0  # peak of the teacher's own forward (before the student's; nothing else kept)
+    teacher_flops_per_frame: float = 0.0
+    teacher_time_s: float = 0.0  # per optimizer step
 
     @property
     def headroom(self) -> float:
@@ -510,8 +529,13 @@ class StagePlan:
     def biggest(self, n: int = 3) -> list[tuple[str, float]]:
         parts = {k: v for k, v in self.terms().items() if k != "activations (peak)"}
         parts.update({"kept layer inputs/activations": self.layer_inputs})
-        if self.activation_phase == "loss":
+        if self.activation_phase == "teacher":
+            parts = {k: v for k, v in parts.items() if k != "kept layer inputs/activations"}
+            parts.update({"teacher forward (distill)": self.teacher_forward})
+        elif self.activation_phase == "loss":
             parts.update({"depformer activations": self.depformer, "logits + loss": self.logits})
+            if self.teacher:
+                parts.update({"teacher outputs + KL (distill)": self.teacher})
         else:
             parts.update({"layer recompute": self.layer_recompute, "TTT scan": self.ttt})
         return sorted(parts.items(), key=lambda kv: -kv[1])[:n]
@@ -598,7 +622,7 @@ def ttt_saved(D: int, inner_width: int, a: int) -> int:
 
 
 def plan_stages(shape: ModelShape, ttt: TTTShape | None, ttt_cfg: dict, model_cfg: dict, strategy: Strategy,
-                stages: list[StageSpec], hw: Hardware) -> list[StagePlan]:
+                stages: list[StageSpec], hw: Hardware, distill: dict | None = None) -> list[StagePlan]:
     n_ttt = ttt.params if ttt else 0
     psi = shape.lora + n_ttt
     if psi == 0:
@@ -750,8 +774,26 @@ def plan_stages(shape: ModelShape, ttt: TTTShape | None, ttt_cfg: dict, model_cf
         dep += 8 * D * tokens  # the output norm's fp32 input
         logits = tokens * (4 * (E_text + E_audio) + (8 + 2 * a) * max(E_text, E_audio))
         loss_phase = dep + logits
-        act = kept + ttt_kept + max(loss_phase, backward_phase)
-        phase = "loss" if loss_phase >= backward_phase else "backward"
+        # ---- loss.distill: the teacher's forward runs first (no grad: one layer's intermediates at a
+        # time), and only its outputs are kept, through the student's forward and loss
+        teacher_out = teacher_loss = teacher_peak = teacher_flops = 0.0
+        if s.distill_weight > 0:
+            t_win = (distill or {}).get("teacher_window") or shape.context
+            t_win = T if t_win is None else min(int(t_win), T)
+            t_visited, t_chunk = _effective_window(T, t_win, chunk)
+            t_block = 3 * B * shape.num_heads * min(t_chunk, T) * (t_win + min(t_chunk, T) - 1) * 4
+            hidden = (distill or {}).get("target", "logits") == "hidden"
+            width = D if hidden else E_text + E_audio
+            teacher_out = a * width * tokens
+            teacher_loss = teacher_out + (8 if hidden else 12) * width * tokens
+            teacher_peak = teacher_out + max(temporal_layer_saved(D, H, hd, a) * tokens + t_block,
+                                             dep_saved * tokens * dq)
+            teacher_flops = (2 * sum(shape.layer_mm) + shape.head_mm_flops + 4 * t_visited * D * L
+                             + shape.dep_attention_flops)
+        act = kept + ttt_kept + max(loss_phase + teacher_loss, backward_phase)
+        phase = "loss" if loss_phase + teacher_loss >= backward_phase else "backward"
+        if teacher_peak > act:
+            act, phase = teacher_peak, "teacher"
 
         # ---- FLOPs per frame of one sample
         fwd = (2 * (sum(shape.layer_mm) + ttt_mm * len(ttt_layers)) + shape.head_mm_flops + sum(attn_flops)
@@ -767,6 +809,7 @@ def plan_stages(shape: ModelShape, ttt: TTTShape | None, ttt_cfg: dict, model_cf
             recompute_flops += (2 * ttt_mm + inner) * len(ttt_layers)
         if shape.dep_checkpointing:
             recompute_flops += shape.head_mm_flops + shape.dep_attention_flops
+        model_flops += teacher_flops
         executed = model_flops + recompute_flops
         compute = s.accumulate * B * T * executed / (hw.mfu * hw.gpu_flops)
         link_bytes = (s.accumulate * gather_bytes + grad_bytes) * (W - 1) / W
@@ -789,6 +832,9 @@ def plan_stages(shape: ModelShape, ttt: TTTShape | None, ttt_cfg: dict, model_cf
             bound=bound, stage_time_s=step * s.steps,
             counts={"frozen": shape.frozen, "lora": shape.lora, "ttt": n_ttt, "trainable": psi,
                     "first_backward_layer": first, "activation_bytes": a},
+            distill_weight=s.distill_weight, teacher=teacher_loss / GIB, teacher_forward=teacher_peak / GIB,
+            teacher_flops_per_frame=teacher_flops,
+            teacher_time_s=s.accumulate * B * T * teacher_flops / (hw.mfu * hw.gpu_flops),
         ))
     return plans
 
@@ -804,10 +850,12 @@ class PlanInputs:
     model_cfg: dict
     strategy: Strategy
     stages: list[StageSpec]
+    distill: dict = field(default_factory=dict)  # loss.distill
 
     def run(self, hw: Hardware, **changes) -> list[StagePlan]:
         f = {**{k: getattr(self, k) for k in self.__dataclass_fields__}, **changes}
-        return plan_stages(f["shape"], f["ttt"], f["ttt_cfg"], f["model_cfg"], f["strategy"], f["stages"], hw)
+        return plan_stages(f["shape"], f["ttt"], f["ttt_cfg"], f["model_cfg"], f["strategy"], f["stages"], hw,
+                           f["distill"])
 
 
 def prepare(cfg) -> PlanInputs:
@@ -819,7 +867,9 @@ def prepare(cfg) -> PlanInputs:
     ttt_cfg = ttt_dict(OmegaConf.select(cfg, "ttt"))  # renamed keys moved, defaults filled in
     strategy = strategy_from_config(_plain(cfg.trainer))
     shape = model_shape(model_cfg, strategy.persistence)
-    return PlanInputs(shape, ttt_shape(ttt_cfg, shape), ttt_cfg, model_cfg, strategy, stages_from_config(cfg))
+    distill = _plain(OmegaConf.select(cfg, "loss.distill"))
+    return PlanInputs(shape, ttt_shape(ttt_cfg, shape), ttt_cfg, model_cfg, strategy, stages_from_config(cfg),
+                      distill)
 
 
 def suggestions(inputs: PlanInputs, failing: StagePlan, hw: Hardware) -> list[str]:
@@ -881,6 +931,8 @@ def _rows(plans: list[StagePlan]) -> list[tuple[str, list[str]]]:
     def gib(attr: str) -> list[str]:
         return [f"{getattr(p, attr):.2f}" for p in plans]
 
+    distilling = any(p.distill_weight > 0 for p in plans)
+
     return [
         ("frames x batch (x accum)", [f"{p.frames} x {p.batch_size}" + (f" x {p.accumulate}" if p.accumulate > 1
                                                                        else "") for p in plans]),
@@ -896,6 +948,8 @@ def _rows(plans: list[StagePlan]) -> list[tuple[str, list[str]]]:
         ("  TTT scan (bwd)", gib("ttt")),
         ("  depformer acts (loss)", gib("depformer")),
         ("  logits + loss (loss)", gib("logits")),
+        *([("  teacher outputs + KL (loss)", gib("teacher")), ("  teacher forward peak", gib("teacher_forward"))]
+          if distilling else []),
         ("activations (peak)", [f"{p.activations:.2f} ({p.activation_phase})" for p in plans]),
         ("CUDA/NCCL overhead", gib("overhead")),
         ("TOTAL GiB / GPU", gib("total")),
@@ -906,6 +960,9 @@ def _rows(plans: list[StagePlan]) -> list[tuple[str, list[str]]]:
         ("frames/s per GPU", [f"{p.frames_per_s_gpu:,.0f}" for p in plans]),
         ("tokens/s all GPUs", [f"{p.tokens_per_s_total:,.0f}" for p in plans]),
         ("comm GB / step (link | PCIe)", [f"{p.comm_gb:.1f} | {p.pcie_gb:.1f}" for p in plans]),
+        *([("distill weight | teacher fwd", [f"{p.distill_weight:g} | " + (
+            f"{p.teacher_flops_per_frame / 1e9:.3g} GFLOP/frame, {_duration(p.teacher_time_s)}/step"
+            if p.distill_weight > 0 else "none") for p in plans])] if distilling else []),
         ("step time (bound)", [f"{_duration(p.step_time_s)} ({p.bound})" for p in plans]),
         ("stage time (steps)", [f"{_duration(p.stage_time_s)} ({p.steps})" for p in plans]),
     ]
@@ -951,7 +1008,19 @@ def describe(inputs: PlanInputs, plans: list[StagePlan], hw: Hardware) -> str:
             f"{hw.gpu_flops / 1e12:g} TFLOP/s at MFU {hw.mfu:g}, link {hw.link:g} GB/s, PCIe {hw.pcie_gbs:g} GB/s\n"
             f"activations: {c['activation_bytes']} B/element, backward from layer {c['first_backward_layer']}, "
             f"checkpointing {on[bool(inputs.model_cfg.get('gradient_checkpointing'))]} "
-            f"(depformer {on[sh.dep_checkpointing]})\n")
+            f"(depformer {on[sh.dep_checkpointing]})\n" + _describe_distill(inputs, plans))
+
+
+def _describe_distill(inputs: PlanInputs, plans: list[StagePlan]) -> str:
+    teaching = [p for p in plans if p.distill_weight > 0]
+    if not teaching:
+        return ""
+    d = inputs.distill
+    window = d.get("teacher_window") or inputs.shape.context
+    extra = ", ".join(f"{p.name} +{p.teacher_time_s / p.step_time_s:.0%} of its step time" for p in teaching)
+    return (f"distill: teacher = the frozen base over {window} frames (TTT and LoRA off), target "
+            f"{d.get('target', 'logits')}, one extra no-grad forward per step in stage(s) "
+            f"{', '.join(str(p.index) for p in teaching)} ({extra}); it keeps only its outputs\n")
 
 
 def _default_gpus(cfg, nodes: int | None) -> tuple[int, int]:

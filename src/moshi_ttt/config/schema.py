@@ -28,6 +28,32 @@ RUN_STEPS = "${moshi_ttt.run_steps:100}"
 
 
 @dataclass
+class DistillConfig:
+    """A dense teacher signal (``moshi_ttt.training.distill``): the same frozen base with a wider attention window
+    (TTT branches and LoRA off) teaches the student (short window + TTT) at every valid position.
+
+    The teacher runs on the same module (no second copy of the weights), as one extra no-grad forward per step,
+    before the student's; its loss is added to Moshi's loss with ``weight`` (a curriculum stage's
+    ``distill_weight`` replaces it during that stage).
+    """
+
+    weight: float = 0.0
+    """Weight of the distillation loss in the total (0: off, no teacher forward); a curriculum stage's
+    distill_weight replaces it during that stage."""
+    teacher_window: int | None = None
+    """Frames of attention the teacher sees in every layer of the temporal transformer (TTT layers included);
+    null: the model's full context (model.lm_kwargs.context, 3000 frames for Moshi). It must be at least the
+    student's widest attention window."""
+    temperature: float = 1.0
+    """target=logits: softmax temperature of both teacher and student; the KL is multiplied by its square
+    (Hinton et al.), so its gradient keeps the same scale."""
+    target: str = "logits"
+    """logits: KL(teacher || student) of the text and audio distributions at every valid position, weighted
+    as Moshi's CE beside it (loss.text_padding_weight, first_codebook_weight, text_weight, audio_weight) |
+    hidden: MSE between the outputs of the last transformer layer at every valid frame."""
+
+
+@dataclass
 class LossConfig:
     """Moshi's fine-tuning loss (text CE + audio CE), weighted as moshi-finetune weights it.
 
@@ -42,6 +68,7 @@ class LossConfig:
     """Weight of the text loss in the total."""
     audio_weight: float = 1.0
     """Weight of the audio loss in the total."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass
@@ -155,6 +182,9 @@ class Stage:
     cache_replacement TTT layer keep ttt.ttt_layer_attention_window); null: the model's setting."""
     window: int | None = None
     """Deprecated name of ``attention_window`` (still accepted, with a warning)."""
+    distill_weight: float | None = None
+    """Weight of the teacher's distillation loss during the stage (loss.distill); null: loss.distill.weight.
+    0 turns the teacher off for the stage."""
     packing: bool = False
     """Pack consecutive conversations shorter than the stage into one sequence."""
     reset_at_boundaries: bool = True

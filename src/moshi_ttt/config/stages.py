@@ -73,6 +73,9 @@ def parse_stage(raw: dict, index: int) -> Stage:
               f"an integer in [0, steps={get('steps')}]")
     if "min_lr_ratio" in raw:
         check("min_lr_ratio", _is_number(get("min_lr_ratio")) and 0 <= get("min_lr_ratio") <= 1, "a number in [0, 1]")
+    if get("distill_weight") is not None:
+        check("distill_weight", _is_number(get("distill_weight")) and get("distill_weight") >= 0,
+              "a finite number >= 0 (0: no teacher in this stage), or null for loss.distill.weight")
     for key in ("ttt_mini_batch_size", "attention_window"):
         if get(key) is not None:
             check(key, _is_int(get(key)) and get(key) > 0, "a positive integer, or null")

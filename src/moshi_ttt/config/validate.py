@@ -84,6 +84,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_components(c, "callbacks")
     _check_components(c, "logger")
     _check_ttt(c, stages)
+    _check_distill(c, stages)
     model = model_settings(c.get("model"))
     if model.source != "hf":  # hub look-ups happen at load time
         from moshi_ttt.models.loading import locate_checkpoint
@@ -265,3 +266,46 @@ def _check_ttt(c: _Checker, stages) -> None:
                                    f"curriculum.stages.{i}.ttt_mini_batch_size")
         except ValueError as exn:
             raise ConfigError(str(exn)) from exn
+
+
+DISTILL_TARGETS = ("logits", "hidden")
+
+
+def _check_distill(c: _Checker, stages) -> None:
+    """``loss.distill`` ranges; where a teacher runs, its window covers every student window."""
+    c.number("loss.distill.weight", 0)
+    c.number("loss.distill.temperature", 0, low_open=True)
+    c.positive_int("loss.distill.teacher_window", none_ok=True)
+    c.require("loss.distill.target", lambda v: v in DISTILL_TARGETS, f"one of {', '.join(DISTILL_TARGETS)}")
+    weight = c.get("loss.distill.weight")
+    windows = [stages[i].attention_window for i in stages_with(stages, weight)]
+    if not stages and weight > 0:
+        windows = [None]
+    if not windows:
+        return
+    from moshi_ttt.config.groups import model_dict
+    from moshi_ttt.plan import lm_kwargs_for
+    from moshi_ttt.training.distill import student_windows
+
+    lm = lm_kwargs_for(model_dict(c.get("model")))
+    context = lm.get("context")
+    teacher = c.get("loss.distill.teacher_window") or context
+    if teacher is None:
+        return  # unbounded attention covers every window
+    ttt = ttt_settings(c.get("ttt"))
+    for index, stage_window in zip(stages_with(stages, weight) if stages else [None], windows):
+        for key, window in student_windows(ttt, int(lm.get("num_layers", 1)), context, stage_window).items():
+            if window is not None and window <= teacher:
+                continue
+            where = f" in curriculum.stages.{index}" if index is not None else ""
+            need = "null (unbounded, as the student)" if window is None else f">= {window}"
+            raise bad("loss.distill.teacher_window", c.get("loss.distill.teacher_window"),
+                      f"the teacher would see {teacher} frames, less than the student{where} "
+                      f"({key}: {'unbounded' if window is None else window}); the teacher_window must be {need} "
+                      f"(null: the model's context, {context})")
+
+
+def stages_with(stages, weight: float) -> list[int]:
+    """Indices of the stages that run a teacher (their distill_weight, else ``weight``, > 0)."""
+    return [i for i, s in enumerate(stages) if (s.distill_weight if s.distill_weight is not None else weight) > 0]
+

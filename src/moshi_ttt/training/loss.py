@@ -30,22 +30,44 @@ def _weighted_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return (ce * w).sum() / w.sum().clamp_min(1e-9), ce
 
 
-def moshi_loss(out: LMOutput, codes: torch.Tensor, cfg: LossConfig, text_padding_ids: tuple[int, ...],
-               audio_offset: int = 1) -> LossOutput:
-    """``codes`` [B, 17, T] as fed to ``LMModel.forward``; invalid/padded positions masked."""
+@dataclass
+class PositionWeights:
+    """Targets, valid positions and per-position weights of Moshi's loss (the distillation loss
+    weights its positions the same way)."""
+
+    text_targets: torch.Tensor  # [B, 1, T], padding (< 0) clamped to 0
+    text_mask: torch.Tensor  # [B, 1, T]
+    text_weights: torch.Tensor  # [B, 1, T] float32
+    audio_targets: torch.Tensor  # [B, dep_q, T]
+    audio_mask: torch.Tensor  # [B, dep_q, T]
+    audio_weights: torch.Tensor  # [B, dep_q, T] float32
+
+
+def position_weights(out: LMOutput, codes: torch.Tensor, cfg: LossConfig, text_padding_ids: tuple[int, ...],
+                     audio_offset: int = 1) -> PositionWeights:
+    """Text positions whose target is padding weigh ``text_padding_weight``, the first audio
+    codebook ``first_codebook_weight``; positions invalid for the model or padded (< 0) are masked."""
     dep_q = out.logits.shape[1]
     text_targets = codes[:, :1]
     text_mask = out.text_mask & (text_targets >= 0)
     text_w = torch.ones_like(text_targets, dtype=torch.float32)
     for pad in text_padding_ids:
         text_w = torch.where(text_targets == pad, text_w * cfg.text_padding_weight, text_w)
-    text_loss, text_ce = _weighted_ce(out.text_logits, text_targets.clamp_min(0), text_mask, text_w)
-
     audio_targets = codes[:, audio_offset : audio_offset + dep_q]
     audio_mask = out.mask & (audio_targets >= 0)
     audio_w = torch.ones_like(audio_targets, dtype=torch.float32)
     audio_w[:, 0] *= cfg.first_codebook_weight
-    audio_loss, audio_ce = _weighted_ce(out.logits, audio_targets.clamp_min(0), audio_mask, audio_w)
+    return PositionWeights(text_targets.clamp_min(0), text_mask, text_w, audio_targets.clamp_min(0), audio_mask,
+                           audio_w)
+
+
+def moshi_loss(out: LMOutput, codes: torch.Tensor, cfg: LossConfig, text_padding_ids: tuple[int, ...],
+               audio_offset: int = 1) -> LossOutput:
+    """``codes`` [B, 17, T] as fed to ``LMModel.forward``; invalid/padded positions masked."""
+    w = position_weights(out, codes, cfg, text_padding_ids, audio_offset)
+    text_loss, text_ce = _weighted_ce(out.text_logits, w.text_targets, w.text_mask, w.text_weights)
+    audio_loss, audio_ce = _weighted_ce(out.logits, w.audio_targets, w.audio_mask, w.audio_weights)
+    text_mask, audio_mask = w.text_mask, w.audio_mask
 
     counts = audio_mask.sum(dim=(0, 2)).clamp_min(1)
     per_codebook = (audio_ce * audio_mask).sum(dim=(0, 2)) / counts

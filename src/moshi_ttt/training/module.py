@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -11,10 +12,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from moshi_ttt.config.schema import OptimConfig  # the schema is the one definition
+from moshi_ttt.config.schema import DistillConfig, OptimConfig  # the schema is the one definition
 from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.models import count_parameters
 from moshi_ttt.models.segments import bind_segments, release_segments, segment_context
+from moshi_ttt.training.distill import capture_hidden, distill_loss, distill_settings, teacher_forward
 from moshi_ttt.training.loss import LossConfig, moshi_loss
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ class MoshiTTTModule(L.LightningModule):
         self.curriculum = curriculum
         self.model_factory = model_factory
         self.loss_cfg = loss or LossConfig()
+        if not isinstance(self.loss_cfg.distill, DistillConfig):  # a plain dict (checkpoint, test)
+            self.loss_cfg = dataclasses.replace(self.loss_cfg, distill=distill_settings(self.loss_cfg.distill))
         self.optim_cfg = optim or OptimConfig()
         self.model: nn.Module | None = None
         self.strict_loading = False  # frozen base weights are not in our checkpoints
@@ -96,20 +100,48 @@ class MoshiTTTModule(L.LightningModule):
         return self.model(codes)
 
     # ---- steps ---------------------------------------------------------------------------
+    def distill_weight(self) -> float:
+        """Weight of the teacher's loss at the current step: the stage's ``distill_weight`` under a
+        curriculum when set, else ``loss.distill.weight`` (0: no teacher forward)."""
+        weight = self.loss_cfg.distill.weight
+        if self.curriculum:
+            stage = self.curriculum.stages[self.curriculum.locate(self.global_step)[0]]
+            if stage.distill_weight is not None:
+                weight = stage.distill_weight
+        return float(weight)
+
     def _shared_step(self, batch: dict, prefix: str):
         codes = batch["codes"]
         resets = batch.get("reset_at_boundaries")
         segments = batch.get("segments") if resets is not None and bool(resets.all()) else None
+        text_pads = (self.model.text_padding_token_id, self.model.end_of_text_padding_id)
+        distill = self.loss_cfg.distill
+        weight = self.distill_weight() if prefix == "train" else 0.0
+        teacher = student_hidden = None
         if prefix == "train":  # kept bound through backward: checkpointed layers run their forward again there
             bind_segments(segments)
-            out = self.model(codes)
+            if weight > 0:  # the frozen base with the teacher's window, first: only its outputs are kept
+                teacher = teacher_forward(self.model, codes, distill)
+            if teacher is not None and distill.target == "hidden":
+                with capture_hidden(self.model) as box:
+                    out = self.model(codes)
+                student_hidden = box["hidden"]
+            else:
+                out = self.model(codes)
         else:
             with segment_context(segments):
                 out = self.model(codes)
-        text_pads = (self.model.text_padding_token_id, self.model.end_of_text_padding_id)
         res = moshi_loss(out, codes, self.loss_cfg, text_pads, self.model.audio_offset)
         B, _, T = codes.shape
         sync = prefix != "train"
+        loss = res.loss
+        if teacher is not None:
+            d = distill_loss(out, teacher, codes, self.loss_cfg, text_pads, self.model.audio_offset, student_hidden)
+            del teacher
+            loss = res.loss + weight * d
+            self.log(f"{prefix}/distill_loss", d, batch_size=B)
+            self.log(f"{prefix}/moshi_loss", res.loss, batch_size=B)
+        res.loss = loss
         self.log(f"{prefix}/loss", res.loss, prog_bar=True, batch_size=B, sync_dist=sync)
         self.log(f"{prefix}/text_loss", res.text_loss, batch_size=B, sync_dist=sync)
         self.log(f"{prefix}/audio_loss", res.audio_loss, batch_size=B, sync_dist=sync)

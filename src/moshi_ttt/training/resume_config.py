@@ -10,9 +10,11 @@ say where a run writes, how it logs or on how many devices it runs are not compa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from moshi_ttt.config.errors import ConfigError
+from moshi_ttt.config.schema import LossConfig, Stage
 
 logger = logging.getLogger("moshi_ttt")
 
@@ -61,6 +63,27 @@ def _canonical(cfg: dict) -> dict:
                 out[key] = read(out[key])
             except ConfigError:
                 pass  # compared as stored: the difference is named key by key
+    # keys added to the loss and to a stage since (loss.distill, distill_weight) compare as their defaults
+    if isinstance(out.get("loss"), dict):
+        out["loss"] = _with_defaults(dataclasses.asdict(LossConfig()), out["loss"])
+    curriculum = out.get("curriculum")
+    if isinstance(curriculum, dict) and isinstance(curriculum.get("stages"), list):
+        defaults = {f.name: f.default for f in dataclasses.fields(Stage)
+                    if f.default is not dataclasses.MISSING and f.default != "???"}
+        out["curriculum"] = {**curriculum, "stages": [_with_defaults(defaults, s) for s in curriculum["stages"]]}
+    return out
+
+
+def _with_defaults(defaults: dict, stored):
+    """``stored`` with the keys it lacks taken from ``defaults`` (nested dicts too)."""
+    if not isinstance(stored, dict):
+        return stored
+    out = dict(stored)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = _with_defaults(value, out[key])
     return out
 
 

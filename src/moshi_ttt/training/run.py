@@ -136,9 +136,13 @@ def build_module(cfg: DictConfig, curriculum: Curriculum | None = None) -> Moshi
     ttt_cfg = OmegaConf.to_container(cfg.ttt, resolve=True) if cfg.get("ttt") is not None else None
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     optim["betas"] = tuple(optim["betas"])
+    from moshi_ttt.config.schema import DistillConfig
+
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    loss["distill"] = DistillConfig(**(loss.get("distill") or {}))  # nested: a dataclass too, not a dict
     return MoshiTTTModule(
         functools.partial(build_model, model_cfg, ttt_cfg),
-        loss=LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)),
+        loss=LossConfig(**loss),
         optim=OptimConfig(**optim),
         curriculum=curriculum,
     )
