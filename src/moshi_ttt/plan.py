@@ -1017,7 +1017,7 @@ def _describe_distill(inputs: PlanInputs, plans: list[StagePlan]) -> str:
         return ""
     d = inputs.distill
     window = d.get("teacher_window") or inputs.shape.context
-    extra = ", ".join(f"{p.name} +{p.teacher_time_s / p.step_time_s:.0%} of its step time" for p in teaching)
+    extra = ", ".join(f"{p.name}: {p.teacher_time_s / p.step_time_s:.0%} of its step time" for p in teaching)
     return (f"distill: teacher = the frozen base over {window} frames (TTT and LoRA off), target "
             f"{d.get('target', 'logits')}, one extra no-grad forward per step in stage(s) "
             f"{', '.join(str(p.index) for p in teaching)} ({extra}); it keeps only its outputs\n")
