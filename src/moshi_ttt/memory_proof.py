@@ -42,15 +42,21 @@ from moshi_ttt.eval.recall import late_loss, recall_report
 
 logger = logging.getLogger("moshi_ttt.memory_proof")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-# name -> Hydra overrides of the variant ({w}: the base window, {b}: the TTT mini-batch)
-VARIANTS = {
-    "post_attention": ["ttt=post_attention"],
-    "pre_attention": ["ttt=pre_attention"],
-    "hybrid": ["ttt=hybrid", "ttt.ttt_layer_attention_window={w}"],
-    # cache_replacement attends over (ceil(W / b) + 1) * b frames (W = ttt_layer_attention_window): W - b gives {w}
-    "cache_replacement": ["ttt=cache_replacement", "ttt.ttt_layer_attention_window={wb}"],
-    "cache_replacement_kv_slots": ["ttt=cache_replacement", "ttt.memory_read=kv_slots", "ttt.ttt_layer_attention_window={wb}"],
-}
+
+
+def proof_variants() -> dict[str, list[str]]:
+    """Row name -> Hydra overrides ({w}: the base window, {wb}: the window minus the TTT mini-batch, {b}: the
+    mini-batch), from every registered variant's ``proof_runs``: the variants without a memory (baselines)
+    first, then those expected to recall beyond the window."""
+    from moshi_ttt.models.variants import registered
+
+    runs: dict[str, list[str]] = {}
+    for variant in sorted(registered(), key=lambda v: v.has_memory):
+        runs.update(variant.proof_runs())
+    return runs
+
+
+VARIANTS = proof_variants()
 
 
 def _compose(overrides: list[str]):

@@ -84,7 +84,7 @@ A teacher forward (``loss.distill``) adds ``2 N_temporal + 2 N_head + attention 
 
 ``W_eff`` = keys visited per query by the chunked local attention (window ``W`` = the stage's
 attention_window, else ``ttt.attention_window``, else Moshi's context;
-``ttt.ttt_layer_attention_window`` for hybrid layers, the memory lag window for cache_replacement), computed block by block like
+the window a variant fixes for its layers: hybrid's, cache_replacement's lag window), computed block by block like
 ``moshi_ttt.models.attention``. TTT inner loop per token and head: linear ``6 d^2 + 4 b d``;
 mlp (hidden m) ``14 d m + 4 b m + 4 b d``. "model FLOPs" exclude recompute; frames/s per GPU =
 ``mfu x gpu_flops / executed FLOPs`` (executed = model + recompute); tokens/s counts the
@@ -178,7 +178,6 @@ class ModelShape:
     num_heads: int
     hidden: int  # gating hidden width of a temporal layer
     context: int | None
-    norm_params: int  # parameters of one temporal-layer norm (a TTT pre/post norm copies it)
     text_out: int
     card: int
     dep_q: int
@@ -197,6 +196,7 @@ class ModelShape:
     lora_mm: int  # LoRA matmul weights (all of LoRA's parameters)
     head_mm_flops: int  # forward FLOPs per frame of text head, depformer_in, depformer, audio heads
     dep_attention_flops: int  # forward attention FLOPs per frame in the depformer
+    lm_kwargs_json: str = ""  # the constructor arguments (ttt_shape builds the TTT layers into this model)
 
     @property
     def head_dim(self) -> int:
@@ -220,18 +220,26 @@ def _skip_init():
             setattr(torch.nn.init, n, fn)
 
 
-@functools.lru_cache(maxsize=16)
-def _model_shape(lm_kwargs_json: str, lora_rank: int, lora_modules: str, persistence: int) -> ModelShape:
+def _meta_lm(kwargs: dict):
+    """moshi's LMModel from its constructor on the meta device, every parameter frozen."""
     import torch
     from moshi.models.lm import LMModel
 
-    from moshi_ttt.models.lora import apply_lora
-
-    kwargs = json.loads(lm_kwargs_json)
     with torch.device("meta"), _skip_init():
         model = LMModel(**{**kwargs, "device": "meta"})
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+@functools.lru_cache(maxsize=16)
+def _model_shape(lm_kwargs_json: str, lora_rank: int, lora_modules: str, persistence: int) -> ModelShape:
+    import torch
+
+    from moshi_ttt.models.lora import apply_lora
+
+    kwargs = json.loads(lm_kwargs_json)
+    model = _meta_lm(kwargs)
     apply_lora(model, lora_rank, 2.0, lora_modules)
 
     def mm(module) -> int:
@@ -261,7 +269,6 @@ def _model_shape(lm_kwargs_json: str, lora_rank: int, lora_modules: str, persist
         num_heads=layer0.self_attn.num_heads,
         hidden=first(layer0.gating).linear_out.in_features,
         context=kwargs.get("context"),
-        norm_params=sum(p.numel() for p in layer0.norm1.parameters()),
         text_out=model.text_linear.out_features,
         card=model.card,
         dep_q=dep_q,
@@ -280,6 +287,7 @@ def _model_shape(lm_kwargs_json: str, lora_rank: int, lora_modules: str, persist
         lora_mm=n_lora,
         head_mm_flops=head_flops,
         dep_attention_flops=dep_attn,
+        lm_kwargs_json=lm_kwargs_json,
     )
 
 
@@ -294,7 +302,7 @@ def model_shape(model_cfg: dict, persistence: int = 100_000) -> ModelShape:
 
 
 # ---------------------------------------------------------------------------------------------
-# TTT shape (formulas mirroring moshi_ttt.ttt.TTTLayer / variants / cache_replacement)
+# TTT shape (counted on the TTT layers install_ttt builds, on the meta device)
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TTTShape:
@@ -309,7 +317,7 @@ class TTTShape:
     params_per_layer: int
     mm_per_layer: int  # matmul weights per TTT layer (trainable projections)
     extra_frozen_mm: int  # frozen matmul weights run again per TTT layer (cache_replacement's re-projection)
-    windows: dict[int, int]  # attention window of the TTT layers that change it
+    windows: dict[int, int]  # attention window of the TTT layers whose variant fixes it (hybrid, cache_replacement)
 
     @property
     def inner_width(self) -> int:
@@ -334,47 +342,39 @@ class TTTShape:
 
 def ttt_shape(ttt_cfg, shape: ModelShape) -> TTTShape | None:
     """The TTT layers ``install_ttt`` would add (``None`` for ``ttt.variant=none``), from the ``ttt``
-    section read as ``install_ttt`` reads it (``moshi_ttt.config.groups.ttt_settings``)."""
-    from moshi_ttt.config.groups import ttt_settings
-    from moshi_ttt.models.insert import selected_layers
+    section read as ``install_ttt`` reads it: ``install_ttt`` itself puts the registered variant into
+    ``shape``'s model built on the meta device (no memory, no values), and the variant counts each
+    layer it built (``Variant.layer_shape``: new parameters, matmul weights, window, memory)."""
+    from moshi_ttt.config.groups import ttt_dict
+    from moshi_ttt.models.variants import NO_TTT, variant_class
 
-    settings = ttt_settings(ttt_cfg)
-    variant = settings.variant
-    if variant == "none":
+    settings = ttt_dict(ttt_cfg)
+    if settings["variant"] == NO_TTT:
         return None
-    cfg = settings.ttt_layer
-    D, b0 = shape.dim, int(cfg.mini_batch_size)
-    layers = tuple(selected_layers(settings, shape.num_layers))
-    window = int(settings.ttt_layer_attention_window)
-    if variant == "cache_replacement":
-        H, d = shape.num_heads, shape.head_dim  # one memory head per attention head
-    else:
-        H, d = cfg.num_heads, cfg.resolve_head_dim(D)
-    m = d * cfg.mlp_expansion if cfg.inner == "mlp" else 0
-    fw = d * d + d if cfg.inner == "linear" else d * m + m + m * d + d
-    memory = H * fw + 2 * H * d + (b0 if cfg.per_position_lr else 0)  # initial W, inner LN, token offsets
-    lr_proj = D * H + H
-    if variant == "cache_replacement":
-        if settings.memory_read == "kv_slots":
-            params = memory + lr_proj + 2 * H + H * d  # + slot bias, per-head gate, slot key match
-            mm = D * H
-            extra = 3 * D * D  # project_qkv runs the frozen in-projection again, without RoPE
-        else:
-            params = memory + lr_proj + 2 * D + D * D + D  # + read_norm, read_proj, gate
-            mm = D * H + D * D
-            extra = 3 * D * D  # project_qkv runs the frozen in-projection again, without RoPE
-        lag = math.ceil(window / b0) + 1
-        windows = {i: lag * b0 for i in layers}
-    else:
-        I = H * d  # noqa: E741
-        out = I * D if cfg.output_proj else 0
-        params = 3 * D * I + lr_proj + memory + 2 * I + out + D  # q,k,v, lr, memory, post_norm, out, gate
-        params += 0 if variant == "hybrid" else shape.norm_params  # the TTT input norm (hybrid shares norm1)
-        mm = 3 * D * I + D * H + out
-        extra = 0
-        windows = {i: window for i in layers} if variant == "hybrid" else {}
-    return TTTShape(variant, layers, H, d, cfg.inner, m, b0, int(cfg.checkpoint_group_size), params, mm, extra,
-                    windows)
+    if not shape.lm_kwargs_json:
+        raise ValueError("ttt_shape: the ModelShape has no lm_kwargs_json (make it with model_shape)")
+    return _ttt_shape(shape.lm_kwargs_json, json.dumps(settings, sort_keys=True), variant_class(settings["variant"]))
+
+
+@functools.lru_cache(maxsize=32)
+def _ttt_shape(lm_kwargs_json: str, ttt_json: str, variant) -> TTTShape:
+    import torch
+
+    from moshi_ttt.models.insert import install_ttt, selected_layers
+
+    settings = json.loads(ttt_json)
+    model = _meta_lm(json.loads(lm_kwargs_json))
+    with torch.device("meta"), _skip_init():
+        modules = install_ttt(model, settings)
+    layers = tuple(selected_layers(settings, len(model.transformer.layers)))
+    shapes = [variant.layer_shape(model.transformer.layers[i], m) for i, m in zip(layers, modules)]
+    first = shapes[0]
+    if any(replace(s, window=None) != replace(first, window=None) for s in shapes[1:]):
+        raise ValueError(f"ttt.variant={settings['variant']}: its layers differ in shape ({shapes}); the planner "
+                         "counts one TTT layer shape")
+    windows = {i: s.window for i, s in zip(layers, shapes) if s.window is not None}
+    return TTTShape(settings["variant"], layers, first.heads, first.head_dim, first.inner, first.hidden,
+                    first.mini_batch, first.group, first.params, first.matmul, first.frozen_matmul, windows)
 
 
 # ---------------------------------------------------------------------------------------------

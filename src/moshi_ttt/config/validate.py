@@ -247,19 +247,17 @@ def _check_components(c: _Checker, group: str) -> None:
 
 
 def _check_ttt(c: _Checker, stages) -> None:
-    from moshi_ttt.models.cache_replacement import MEMORY_READS
-    from moshi_ttt.models.variants import VARIANTS
+    from moshi_ttt.models.variants import variant_for, variant_names
     from moshi_ttt.ttt.config import check_stage_mini_batch
 
     ttt = ttt_settings(c.get("ttt"))  # types, unknown keys and TTTConfig's ranges, named ttt.<key>
-    if ttt.variant not in VARIANTS:
-        raise bad("ttt.variant", ttt.variant, f"one of {', '.join(VARIANTS)}")
+    if ttt.variant not in variant_names():  # the registered variants (moshi_ttt.models.variants)
+        raise bad("ttt.variant", ttt.variant, f"one of {', '.join(variant_names())}")
     if ttt.variant == "none":
         return
     for key in ("default_num_layers", "ttt_layer_attention_window"):
         c.positive_int(f"ttt.{key}")
-    if ttt.variant == "cache_replacement" and ttt.memory_read not in MEMORY_READS:
-        raise bad("ttt.memory_read", ttt.memory_read, f"one of {', '.join(MEMORY_READS)}")
+    variant_for(ttt).check()  # the variant's own rules (cache_replacement: ttt.memory_read)
     for i, stage in enumerate(stages):  # the one rule, shared with the layers' configure_for_stage
         try:
             check_stage_mini_batch(stage.ttt_mini_batch_size, ttt.ttt_layer.mini_batch_size,

@@ -4,13 +4,15 @@ In streaming (LMGen) every self-attention layer keeps a ring KV cache of ``conte
 training forward masks the same window. Once a conversation is longer than the window, the ring
 wraps and the oldest frames are overwritten: from frame ``W`` on, frame 0 is out of reach, and at
 the end of a T-frame conversation ``T - W`` frames are. A layer with a TTT memory that reads the
-stream before attention drops it (pre_attention, hybrid, cache_replacement) still carries them.
+stream before attention drops it (a variant with ``has_memory``: pre_attention, hybrid,
+cache_replacement) still carries them; each variant words its own finding (``context_message``).
 """
 
 from __future__ import annotations
 
 from moshi_ttt.diagnostics.findings import CheckResult, seconds
-from moshi_ttt.diagnostics.layout import RETAINS_OLD_FRAMES, ModelLayout
+from moshi_ttt.diagnostics.layout import ModelLayout
+from moshi_ttt.models.variants import find_variant, has_memory
 
 
 def wraps(frames: int, window: int | None) -> int:
@@ -38,7 +40,7 @@ def check_context(layout: ModelLayout, frames: int, batch_size: int = 1) -> Chec
         row = {"kind": lay.kind, "window": W, "kv_cache_capacity": capacity, "kv_cache_mib": cache_mib,
                "wraps": n_wraps, "first_forgotten_frame": W if n_wraps else None,
                "frames_out_of_window_at_end": max(0, frames - W) if W is not None else 0,
-               "retains_older_frames": lay.kind in RETAINS_OLD_FRAMES}
+               "retains_older_frames": has_memory(lay.kind)}
         per_layer[lay.name] = row
         name, where = lay.name, (f"attention window {seconds(W)} < intended {seconds(frames)}" if W else "")
         if W is None:
@@ -47,24 +49,17 @@ def check_context(layout: ModelLayout, frames: int, batch_size: int = 1) -> Chec
         elif not n_wraps:
             res.add("ok", f"{name}: attention window {seconds(W)} covers the intended {seconds(frames)}: no wraparound",
                     name)
-        elif lay.kind == "cache_replacement":
-            keeping.append(name)
-            res.add("ok", f"{name}: local window {seconds(W)} (ttt.ttt_layer_attention_window={lay.ttt_window}); "
-                    "frames that leave it are written into the layer's TTT memory (not lost)", name)
-        elif lay.kind == "hybrid":
-            keeping.append(name)
-            res.add("ok", f"{name}: local window {seconds(W)} in parallel with a TTT memory over the whole stream "
-                    "(older frames live in the memory, not lost)", name)
-        elif lay.kind == "pre_attention":
-            keeping.append(name)
-            res.add("ok", f"{name}: {where}: attention wraps {n_wraps}x, but the TTT memory before attention has "
-                    "read every frame (older frames live in the memory)", name)
-        else:
-            forgetting.append(name)
-            extra = (" (post_attention TTT only sees what attention kept: it cannot bring them back)"
-                     if lay.kind == "post_attention" else "")
-            res.add("warn", f"{name}: {where}: the ring KV cache wraps {n_wraps}x (wraparound); frames older than "
-                    f"{W} are dropped from frame {seconds(W)} on{extra}", name)
+        else:  # the variant says how its layer keeps older frames, or why it cannot
+            variant = find_variant(lay.kind)
+            message = "" if variant is None else variant.context_message(
+                name=name, window=seconds(W), where=where, wraps=n_wraps, ttt_window=lay.ttt_window)
+            if variant is not None and variant.has_memory:
+                keeping.append(name)
+                res.add("ok", message, name)
+            else:
+                forgetting.append(name)
+                res.add("warn", f"{name}: {where}: the ring KV cache wraps {n_wraps}x (wraparound); frames older "
+                        f"than {W} are dropped from frame {seconds(W)} on{message}", name)
     windows = [r["window"] for r in per_layer.values() if r.get("window") is not None]
     res.metrics = {"frames": frames, "batch_size": batch_size, "min_window": min(windows, default=None),
                    "max_window": max(windows, default=None),

@@ -8,26 +8,24 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from moshi_ttt.models.cache_replacement import CacheReplacementAttention
-from moshi_ttt.models.variants import TTTWrappedLayer
+from moshi_ttt.models.variants import VariantModule, base_layer, variant_module_of
 
-KINDS = ("attention", "pre_attention", "post_attention", "hybrid", "cache_replacement", "no_attention")
-# Kinds whose layer keeps frames older than its attention window in a TTT memory that reads them.
-RETAINS_OLD_FRAMES = ("pre_attention", "hybrid", "cache_replacement")
+# A layer's kind: "attention" (no TTT), "no_attention", or the name of the registered variant it
+# carries (moshi_ttt.models.variants; ``has_memory`` there: whether it keeps older frames).
 
 
 @dataclass
 class LayerLayout:
     index: int
     name: str  # "layer3", as the TTT modules and the training logs name it
-    kind: str  # one of KINDS
+    kind: str  # attention | no_attention | a variant's name
     window: int | None  # frames the self-attention sees (moshi's `context`; None: unbounded)
     trained_context: int | None  # the base model's configured context (what it was trained with)
     num_heads: int
     kv_heads: int
     head_dim: int
     cache_bytes_per_value: int  # bytes of one cached key/value element (the weights' dtype)
-    ttt_window: int | None = None  # cache_replacement: ttt.ttt_layer_attention_window (then the memory)
+    ttt_window: int | None = None  # the variant's layout_ttt_window (cache_replacement: ttt.ttt_layer_attention_window)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,10 +53,6 @@ class ModelLayout:
         return d
 
 
-def _inner_layer(layer: nn.Module) -> nn.Module:
-    return layer.layer if isinstance(layer, TTTWrappedLayer) else layer
-
-
 def model_layout(model) -> ModelLayout:
     """The layout of an LMModel's temporal transformer (moshi's, with or without the TTT variants)."""
     transformer = getattr(model, "transformer", None)
@@ -67,13 +61,11 @@ def model_layout(model) -> ModelLayout:
     layers = []
     variants = set()
     for i, layer in enumerate(transformer.layers):
-        inner = _inner_layer(layer)
+        inner = base_layer(layer)
         attn = inner.self_attn
-        kind = layer.placement if isinstance(layer, TTTWrappedLayer) else "attention"
-        ttt_window = None
-        if isinstance(attn, CacheReplacementAttention):
-            kind = "cache_replacement"
-            ttt_window = int(attn.memory_window)
+        module = variant_module_of(layer)
+        kind = "attention" if module is None else module.variant_name
+        ttt_window = None if module is None else module.layout_ttt_window
         if getattr(inner, "skip_self_attn", False):
             kind = "no_attention"
         if kind not in ("attention", "no_attention"):
@@ -99,7 +91,7 @@ class TTTModule:
 
     name: str
     kind: str
-    module: nn.Module  # TTTWrappedLayer or CacheReplacementAttention (has ttt_enabled, health())
+    module: nn.Module  # the variant's VariantModule (has ttt_enabled, health())
     memory: nn.Module  # its TTTMemory
 
     @property
@@ -109,17 +101,13 @@ class TTTModule:
     @property
     def gate(self) -> torch.Tensor:
         """tanh(alpha): the per-channel output gate of the TTT branch."""
-        alpha = self.module.ttt.gate_alpha if isinstance(self.module, TTTWrappedLayer) else self.module.gate_alpha
-        return torch.tanh(alpha.detach().float())
+        return torch.tanh(self.module.gate_parameter.detach().float())
 
     @property
     def projection(self) -> torch.Tensor | None:
         """The zero-initialised output projection of the TTT read (None when the layer has none)."""
-        if isinstance(self.module, TTTWrappedLayer):
-            proj = self.module.ttt.out_proj
-        else:
-            proj = getattr(self.module, "read_proj", None)  # kv_slots has none: its gate is per head
-        return None if proj is None else proj.weight.detach().float()
+        proj = self.module.read_projection  # kv_slots has none: its gate is per head
+        return None if proj is None else proj.detach().float()
 
     def fresh_state(self, batch_size: int = 1):
         return self.memory.init_state(batch_size, next(self.memory.parameters()).device)
@@ -141,10 +129,5 @@ class TTTModule:
 
 def ttt_modules(model: nn.Module) -> list[TTTModule]:
     """Every TTT-bearing module of ``model``, in layer order."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, TTTWrappedLayer):
-            out.append(TTTModule(m.name, m.placement, m, m.ttt.memory))
-        elif isinstance(m, CacheReplacementAttention):
-            out.append(TTTModule(m.ttt_name, "cache_replacement", m, m.memory))
-    return out
+    return [TTTModule(m.ttt_name, m.variant_name, m, m.ttt_memory) for m in model.modules()
+            if isinstance(m, VariantModule)]

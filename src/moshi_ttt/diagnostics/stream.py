@@ -30,7 +30,7 @@ from moshi.modules.transformer import RingKVCache
 from moshi_ttt.diagnostics.layout import TTTModule, ttt_modules
 from moshi_ttt.eval.generate import _entropy
 from moshi_ttt.eval.samples import model_device
-from moshi_ttt.models.variants import TTTWrappedLayer
+from moshi_ttt.models.variants import base_layer
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _enlarge_caches(module: torch.nn.Module, extra: int) -> int:
 def streaming_transformer(model, batch_size: int, chunk_frames: int):
     """The temporal transformer in streaming mode, exact for chunks of ``chunk_frames`` frames."""
     for i, layer in enumerate(model.transformer.layers):
-        attn = (layer.layer if isinstance(layer, TTTWrappedLayer) else layer).self_attn
+        attn = base_layer(layer).self_attn
         if not getattr(layer, "skip_self_attn", False) and attn.context is None:
             raise ValueError(f"layer{i}: unbounded attention (context=None) cannot stream; set a finite "
                              "ttt.attention_window or model context")
@@ -193,7 +193,7 @@ def _ttt_info(t: TTTModule) -> dict:
 @contextlib.contextmanager
 def _nan_guard_off(modules: list[TTTModule]):
     """Let a diverging memory run on (NaN/Inf stats are what the health check reports), then restore."""
-    configs = [m.module.ttt.config for m in modules if isinstance(m.module, TTTWrappedLayer)]
+    configs = [m.config for m in modules]  # the memories' settings (the TTT layer's own, where it has one)
     saved = [c.nan_guard for c in configs]
     try:
         for c in configs:
@@ -225,7 +225,7 @@ def record_stream(model, codes: torch.Tensor, chunk_frames: int | None = None, a
     residual: dict = {}
     norms: dict = {}
     for i, layer in enumerate(model.transformer.layers):
-        inner = layer.layer if isinstance(layer, TTTWrappedLayer) else layer
+        inner = base_layer(layer)
         hooks.residual(layer, residual, f"layer{i}")
         for norm_name in ("norm1", "norm2"):
             mod = getattr(inner, norm_name, None)

@@ -10,10 +10,9 @@ from torch import nn
 
 from moshi_ttt.config.groups import ttt_settings
 from moshi_ttt.config.schema import TTTVariantConfig
-from moshi_ttt.models.attention import LocalStreamingAttention, install_local_attention
-from moshi_ttt.models.cache_replacement import CacheReplacementAttention
+from moshi_ttt.models.attention import install_local_attention
 from moshi_ttt.models.rope import install_position_scale
-from moshi_ttt.models.variants import PLACEMENTS, VARIANTS, TTTWrappedLayer
+from moshi_ttt.models.variants import InstallContext, variant_for
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +38,16 @@ def selected_layers(ttt_cfg: Mapping | TTTVariantConfig | None, num_layers: int)
 
 def install_ttt(model: LMModel, ttt_cfg: Mapping | TTTVariantConfig | None) -> list[nn.Module]:
     """Linear-cost attention everywhere, then the variant in the selected layers. Returns the new
-    TTT-bearing modules (their parameters are the trainable ones).
+    TTT-bearing modules, one per layer (their parameters are the trainable ones).
 
     ``ttt_cfg`` is the ``ttt`` section, composed or a plain dict (None: no TTT), read through the
     schema's ``TTTVariantConfig`` (``moshi_ttt.config.groups.ttt_settings``: defaults, types,
-    unknown keys, renamed keys)."""
+    unknown keys, renamed keys). The variant is the registered one of that name
+    (``moshi_ttt.models.variants``): its ``install`` puts it into each selected layer."""
     settings = ttt_settings(ttt_cfg if ttt_cfg is not None else {"variant": "none"})
-    variant = settings.variant
-    if variant not in VARIANTS:
-        raise ValueError(f"ttt.variant={variant!r} must be one of {VARIANTS}")
+    variant = variant_for(settings)  # a ValueError names the registered variants
+    if variant is not None:
+        variant.check()
     transformer = model.transformer
     if settings.rope_max_period is not None:
         if transformer.rope is None:
@@ -57,34 +57,20 @@ def install_ttt(model: LMModel, ttt_cfg: Mapping | TTTVariantConfig | None) -> l
         install_position_scale(transformer, settings.rope_position_scale)
     chunk, backend = settings.attention_chunk_size, settings.attention_backend
     install_local_attention(model, window=settings.attention_window, chunk_size=chunk, backend=backend)
-    if variant == "none":
+    if variant is None:
         return []
-    layer_cfg = settings.ttt_layer
-    window = int(settings.ttt_layer_attention_window)
-    dim = model.dim
     norm = getattr(transformer.layers[0].norm1, "__class__", None)
     norm_name = "rms_norm_f32" if norm is not None and "RMS" in norm.__name__ else "layer_norm"
-    device = next(model.parameters()).device
+    ctx = InstallContext(dim=model.dim, norm=norm_name, chunk_size=chunk, backend=backend,
+                         device=next(model.parameters()).device)
     layers = selected_layers(settings, len(transformer.layers))
     new: list[nn.Module] = []
     for i in layers:
-        name = f"layer{i}"
-        layer = transformer.layers[i]
-        if variant in PLACEMENTS:
-            if variant == "hybrid":
-                LocalStreamingAttention.from_moshi(layer.self_attn, window, chunk, backend)
-                layer.self_attn.fixed_window = True
-            wrapped = TTTWrappedLayer(layer, variant, layer_cfg, dim, name, norm=norm_name).to(device)
-            transformer.layers[i] = wrapped
-            new.append(wrapped)
-        else:
-            attn = CacheReplacementAttention.from_moshi_with_memory(
-                layer.self_attn, window, layer_cfg, name, memory_read=settings.memory_read, chunk_size=chunk,
-                backend=backend)
-            new.append(attn)
+        transformer.layers[i], module = variant.install(transformer.layers[i], f"layer{i}", ctx)
+        new.append(module)
     base = {id(p) for p in model.parameters() if not p.requires_grad}
     trainable = sum(p.numel() for m in new for p in m.parameters() if id(p) not in base)
-    logger.info("ttt.variant=%s in layers %s: %s new parameters", variant, layers, f"{trainable:,}")
+    logger.info("ttt.variant=%s in layers %s: %s new parameters", settings.variant, layers, f"{trainable:,}")
     return new
 
 

@@ -32,14 +32,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from moshi.modules.transformer import _MHAState
+from moshi.modules.transformer import StreamingTransformerLayer, _MHAState
 from torch import nn
 
+from moshi_ttt.config.errors import bad
 from moshi_ttt.models.attention import LocalStreamingAttention, local_attention
 from moshi_ttt.models.segments import current_segments, per_segment
+from moshi_ttt.models.variants.base import InstallContext, Variant, VariantModule, register
 from moshi_ttt.ttt import TTTConfig, TTTMemory, TTTState, check_stage_mini_batch
 
 MEMORY_READS = ("add", "kv_slots")
+
+
+def read_lag(window: int, mini_batch: int) -> int:
+    """L = ceil(W / b) + 1 mini-batches: the memory serves a query only what left the W-frame
+    window; the attention keeps L * b frames."""
+    return math.ceil(window / mini_batch) + 1
 
 
 @dataclass
@@ -52,12 +60,15 @@ class _CacheReplacementState(_MHAState):
             self.ttt = self.ttt.reset(reset_mask)
 
 
-class CacheReplacementAttention(LocalStreamingAttention):
+class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
     """moshi's attention module (same weights, same keys) + a TTT memory of evicted keys/values.
 
     Made in place from a moshi attention module by ``from_moshi_with_memory``; the new
     parameters (memory, lr projection, read norm/projection, gate) are its only trainable ones.
+    (The mixin comes last so that the class keeps moshi's layout: ``__class__`` is swapped.)
     """
+
+    variant_name = "cache_replacement"
 
     @classmethod
     def from_moshi_with_memory(cls, module, window: int, ttt_config: TTTConfig, name: str,
@@ -71,7 +82,7 @@ class CacheReplacementAttention(LocalStreamingAttention):
             raise ValueError(f"ttt.memory_slots={memory_slots}: kv_slots no longer reads fixed probe slots; each "
                              "query reads its own slot f_W(q) (remove ttt.memory_slots)")
         b = int(ttt_config.mini_batch_size)
-        lag = math.ceil(window / b) + 1
+        lag = read_lag(window, b)
         module = LocalStreamingAttention.from_moshi(module, lag * b, chunk_size, backend)
         module.__class__ = cls
         module.fixed_window = True
@@ -220,6 +231,15 @@ class CacheReplacementAttention(LocalStreamingAttention):
     def configure_for_stage(self, ttt_mini_batch_size: int | None = None, window: int | None = None) -> None:
         check_stage_mini_batch(ttt_mini_batch_size, self.memory.mini_batch_size, f"{self.ttt_name}: a stage's TTT mini-batch")
 
+    @property
+    def layout_ttt_window(self) -> int:
+        return int(self.memory_window)
+
+    def rerun_frozen_matmul(self) -> int:
+        """``project_qkv`` runs the frozen in-projection again, without RoPE, for the memory (one
+        in-projection per token, whatever the per-step schedule; LoRA's own weights left out)."""
+        return sum(p.numel() for p in self.in_projs[0].parameters() if p.dim() == 2 and not p.requires_grad)
+
     def opening_parameters(self) -> list[nn.Parameter]:
         """What opens the memory's path (gate, read projection or slot logit, inner-lr projection):
         the optimiser gives these their own LR scale and no weight decay."""
@@ -239,3 +259,39 @@ class CacheReplacementAttention(LocalStreamingAttention):
             else:
                 stats["read_proj_norm"] = float(self.read_proj.weight.float().norm())
         return stats
+
+
+@register
+class CacheReplacement(Variant):
+    name = "cache_replacement"
+    color = "#1f77b4"
+    order = 40
+
+    def check(self) -> None:
+        if self.settings.memory_read not in MEMORY_READS:
+            raise bad("ttt.memory_read", self.settings.memory_read, f"one of {', '.join(MEMORY_READS)}")
+
+    def attention_window(self) -> int:
+        """The memory's lag window: ``(ceil(W / b) + 1) * b``, W = ttt.ttt_layer_attention_window."""
+        b = int(self.settings.ttt_layer.mini_batch_size)
+        return read_lag(int(self.settings.ttt_layer_attention_window), b) * b
+
+    def install(self, layer: StreamingTransformerLayer, name: str, ctx: InstallContext
+                ) -> tuple[nn.Module, VariantModule]:
+        s = self.settings
+        attn = CacheReplacementAttention.from_moshi_with_memory(
+            layer.self_attn, int(s.ttt_layer_attention_window), s.ttt_layer, name, memory_read=s.memory_read,
+            chunk_size=ctx.chunk_size, backend=ctx.backend)
+        return layer, attn  # the layer stays; its attention now carries the memory
+
+    @classmethod
+    def context_message(cls, name: str, window: str, where: str, wraps: int, ttt_window: int | None) -> str:
+        return (f"{name}: local window {window} (ttt.ttt_layer_attention_window={ttt_window}); frames that leave it "
+                "are written into the layer's TTT memory (not lost)")
+
+    @classmethod
+    def proof_runs(cls) -> dict[str, list[str]]:
+        # attends over (ceil(W / b) + 1) * b frames (W = ttt_layer_attention_window): W - b gives the base's {w}
+        return {"cache_replacement": ["ttt=cache_replacement", "ttt.ttt_layer_attention_window={wb}"],
+                "cache_replacement_kv_slots": ["ttt=cache_replacement", "ttt.memory_read=kv_slots",
+                                               "ttt.ttt_layer_attention_window={wb}"]}
