@@ -199,7 +199,7 @@ def test_a_teacher_narrower_than_the_student_is_refused(compose_cfg):
     with pytest.raises(ConfigError, match=r"loss\.distill\.teacher_window=64: .*the model's context: 3000"):
         validate_config(compose_cfg("experiment=smoke", "loss.distill.weight=1", "loss.distill.teacher_window=64"))
     # cache_replacement's window is its read lag window, (ceil(16 / 4) + 1) * 4 = 20 frames, in stage 0
-    with pytest.raises(ConfigError, match=r"curriculum\.stages\.0 \(ttt\.ttt_layer_attention_window with"):
+    with pytest.raises(ConfigError, match=r"curriculum\.stages\.0 \(the attention window cache_replacement keeps .*: 20"):
         validate_config(compose_cfg(
             "experiment=smoke", "ttt=cache_replacement", "ttt.ttt_layer_attention_window=16",
             "ttt.ttt_layer.mini_batch_size=4", "ttt.attention_window=16", "loss.distill.teacher_window=16",

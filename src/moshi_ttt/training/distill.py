@@ -23,7 +23,6 @@ widened like any other (its memory lag window only shapes what the memory sees).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -44,18 +43,15 @@ def student_windows(ttt: TTTVariantConfig, num_layers: int, context: int | None,
     """The attention windows of the student's temporal layers, by the setting that gives each
     (None: unbounded), as ``install_ttt`` and a stage's ``configure_for_stage`` set them."""
     from moshi_ttt.models.insert import selected_layers
+    from moshi_ttt.models.variants import variant_for
 
     out: dict[str, int | None] = {}
     own: set[int] = set()
-    if ttt.variant in ("hybrid", "cache_replacement"):
+    variant = variant_for(ttt)
+    fixed = variant.attention_window() if variant is not None else None
+    if fixed is not None:  # the variant's layers keep their own window (hybrid's W, cache_replacement's lag window)
         own = set(selected_layers(ttt, num_layers))
-        window = int(ttt.ttt_layer_attention_window)
-        key = "ttt.ttt_layer_attention_window"
-        if ttt.variant == "cache_replacement":  # attention keeps the memory's lag window
-            b = int(ttt.ttt_layer.mini_batch_size)
-            window = (math.ceil(window / b) + 1) * b
-            key += f" with cache_replacement's read lag, (ceil(W / b) + 1) * b, b = {b}"
-        out[key] = window
+        out[f"the attention window {ttt.variant} keeps (from ttt.ttt_layer_attention_window)"] = fixed
     if len(own) < num_layers:
         if stage_window is not None:
             out["the stage's attention_window"] = stage_window
