@@ -106,11 +106,17 @@ def test_damaged_or_missing_last_ckpt_falls_back_to_the_newest_that_loads(compos
         again = train(compose_cfg(*SMOKE, "run_name=trunc", "trainer.max_steps=6"))
     assert again["resumed_from"].endswith("step00000004.ckpt") and again["global_step"] == 6
     assert f"checkpoint {ckpts / 'last.ckpt'} cannot be loaded" in caplog.text
+    # A kill while ModelCheckpoint wrote step 6's file, after last.ckpt of step 6 was complete: the
+    # resume from last.ckpt restores the step file (same state), it does not stay missing.
+    (ckpts / "step00000006.ckpt").unlink()
+    train(compose_cfg(*SMOKE, "run_name=trunc", "trainer.max_steps=8"))
+    restored = torch.load(ckpts / "step00000006.ckpt", map_location="cpu", weights_only=False)
+    assert restored["global_step"] == 6 and (ckpts / "step00000008.ckpt").exists()
     # Nothing loads at all: an error, not a silent fresh start.
     for p in ckpts.glob("*.ckpt"):
         p.write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="no checkpoint in .* loads"):
-        train(compose_cfg(*SMOKE, "run_name=trunc", "trainer.max_steps=8"))
+        train(compose_cfg(*SMOKE, "run_name=trunc", "trainer.max_steps=10"))
 
 
 @pytest.mark.slow

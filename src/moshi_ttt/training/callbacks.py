@@ -95,6 +95,32 @@ class ResumeStateCallback(L.Callback):
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, ModelCheckpoint):
                     cb._last_global_step_saved = trainer.global_step
+                    if trainer.is_global_zero:
+                        _restore_step_checkpoint(cb, trainer)
+
+
+def _restore_step_checkpoint(cb: ModelCheckpoint, trainer) -> None:
+    """A kill while ModelCheckpoint wrote the step checkpoint the run resumes at (after
+    ``last.ckpt`` of the same step was complete) leaves that step without its file, and the
+    resumed run does not save the step again: copy the checkpoint it resumed from, which holds
+    the same state, under the step checkpoint's name (keep-all step checkpoints only)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    step, every = trainer.global_step, cb._every_n_train_steps
+    source = Path(trainer.ckpt_path)
+    if (not every or step == 0 or step % every or cb.save_top_k != -1 or not source.is_file() or cb.dirpath is None
+            or source.parent.resolve() != Path(cb.dirpath).resolve()):  # only this run's own checkpoints
+        return
+    name = cb.format_checkpoint_name({"epoch": torch.tensor(trainer.current_epoch), "step": torch.tensor(step)})
+    target = Path(name)
+    if target.exists() or target.resolve() == source.resolve():
+        return
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    logger.info("step checkpoint %s was missing (a kill during its write): restored from %s", target.name, source.name)
 
 
 class RunConfigCallback(L.Callback):
