@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
 import torch
 
-from helpers import read_metric
+from helpers import open_trainables as _open
+from helpers import random_codes as _codes
+from helpers import read_metric, tiny_variant_model
 from moshi_ttt.config.errors import ConfigError
 from moshi_ttt.config.schema import DistillConfig, LossConfig
-from moshi_ttt.models import MoshiSourceConfig, load_base_moshi
 from moshi_ttt.models.attention import install_local_attention
-from moshi_ttt.models.insert import install_ttt
-from moshi_ttt.models.lora import apply_lora
 from moshi_ttt.training.distill import (
     TeacherOutput,
     capture_hidden,
@@ -35,30 +33,7 @@ PADS = (3, 0)  # the tiny model's text padding ids
 
 def _model(kw, variant, window=8, attention_window=None, lora=0):
     """Tiny base (context 64) + optional LoRA + ``variant`` in layers 0 and -1 (mini-batch 4)."""
-    base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs={**kw, "context": 64}, seed=0))
-    model = copy.deepcopy(base)
-    apply_lora(model, lora)
-    variant, _, read = variant.partition(":")
-    install_ttt(model, {"variant": variant, "layer_indices": [0, -1], "ttt_layer_attention_window": window,
-                        "attention_window": attention_window, "memory_read": read or "add",
-                        "ttt_layer": {"mini_batch_size": 4, "num_heads": 4}})
-    return base, model
-
-
-def _open(model, seed=1):
-    """Move every trainable parameter (TTT gates and projections, LoRA B) off its start."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and "token_bias" not in name:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def _codes(kw, B=2, T=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, kw["card"], (B, 17, T), generator=g)
-    codes[:, 0] = torch.randint(0, kw["text_card"], (B, T), generator=g)
-    return codes
+    return tiny_variant_model(kw, variant, window, attention_window=attention_window, lora=lora)
 
 
 def _state(model):

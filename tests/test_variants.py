@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from moshi.models.lm import LMGen
 
+from helpers import open_trainables as _open_gates
+from helpers import random_codes as _codes
+from helpers import tiny_variant_model
 from moshi_ttt.models import MoshiSourceConfig, load_base_moshi
 from moshi_ttt.models.insert import install_ttt, selected_layers, set_ttt_enabled
 
@@ -16,31 +17,7 @@ VARIANTS = ["pre_attention", "post_attention", "hybrid", "cache_replacement", "c
 
 def _model(kw, variant, window=16, context=64, seed=0):
     """``variant`` may name a read mode after a colon (cache_replacement:kv_slots)."""
-    kw = {**kw, "context": context}
-    base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs=kw, seed=seed))
-    model = copy.deepcopy(base)
-    variant, _, read = variant.partition(":")
-    install_ttt(model, {"variant": variant, "layer_indices": [0, -1], "ttt_layer_attention_window": window,
-                        "memory_read": read or "add",
-                        "ttt_layer": {"mini_batch_size": 4, "num_heads": 4}})
-    return base, model
-
-
-def _open_gates(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # token_bias shifts the 1/(i+1) position factors: noise there can zero the last one,
-            # which (correctly) cancels every mini-batch update.
-            if p.requires_grad and "token_bias" not in name:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def _codes(kw, B=2, T=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, kw["card"], (B, 17, T), generator=g)
-    codes[:, 0] = torch.randint(0, kw["text_card"], (B, T), generator=g)
-    return codes
+    return tiny_variant_model(kw, variant, window, context=context, seed=seed)
 
 
 def test_layer_selection():
