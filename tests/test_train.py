@@ -68,10 +68,10 @@ def test_checkpoint_holds_only_what_trains(compose_cfg):
     assert "TokenDataModule" in ckpt and "rng_states" in ckpt
     # The whole resolved run config travels with the weights, as plain types (export/serving read it).
     # ttt under its current names only (the schema's deprecated fields are not recorded).
-    from moshi_ttt.training.run import run_config
+    from moshi_ttt.training.run import recorded_config
 
     stored_cfg = ckpt["moshi_ttt_config"]
-    assert stored_cfg == run_config(cfg)
+    assert stored_cfg == recorded_config(cfg)
     assert type(stored_cfg) is dict and stored_cfg["ttt"]["variant"] == cfg.ttt.variant
     assert stored_cfg["ttt"]["layer_indices"] == cfg.ttt.layer_indices
     assert not {"layers", "layer", "window", "hybrid_alpha_init"} & set(stored_cfg["ttt"])

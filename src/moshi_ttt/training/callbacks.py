@@ -104,9 +104,9 @@ def _restore_step_checkpoint(cb: ModelCheckpoint, trainer) -> None:
     ``last.ckpt`` of the same step was complete) leaves that step without its file, and the
     resumed run does not save the step again: copy the checkpoint it resumed from, which holds
     the same state, under the step checkpoint's name (keep-all step checkpoints only)."""
-    import os
-    import shutil
     from pathlib import Path
+
+    from moshi_ttt.training.checkpointing import atomic_copy
 
     step, every = trainer.global_step, cb._every_n_train_steps
     source = Path(trainer.ckpt_path)
@@ -117,9 +117,7 @@ def _restore_step_checkpoint(cb: ModelCheckpoint, trainer) -> None:
     target = Path(name)
     if target.exists() or target.resolve() == source.resolve():
         return
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    atomic_copy(source, target)
     logger.info("step checkpoint %s was missing (a kill during its write): restored from %s", target.name, source.name)
 
 

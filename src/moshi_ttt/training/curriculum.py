@@ -92,6 +92,8 @@ class CurriculumCallback(L.Callback):
         self._announced: int | None = None  # the stage whose banner is logged (train and epoch start both enter)
         #: Resumed from the last stage's end before its validation: ``train`` runs it after ``fit``.
         self.final_validation_pending = False
+        self._validate_on_start = False  # resumed from another stage's end: its validation runs at train start
+        self._restart_val_count = False  # ... and the next stage's first batch resets the per-epoch validation count
 
     def _stage(self, trainer) -> tuple[int, Stage]:
         i, _ = self.curriculum.stage_of_epoch(trainer.current_epoch, trainer.global_step)
@@ -163,7 +165,7 @@ class CurriculumCallback(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning skips on_train_epoch_start when it resumes mid-epoch: apply the stage here too.
         self._enter_stage(trainer, pl_module)
-        if getattr(self, "_validate_on_start", False):
+        if self._validate_on_start:
             self._validate_on_start = False
             # Lightning closed the finished stage's epoch while restoring and goes on as if it
             # were mid-way through the next one, so it will not count that epoch as ready and
@@ -175,7 +177,7 @@ class CurriculumCallback(L.Callback):
             self._restart_val_count = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if getattr(self, "_restart_val_count", False):
+        if self._restart_val_count:
             # The validations counted per epoch: the restored stage's first batch (still "restarting"
             # for Lightning) fast-forwarded them to the end; the new stage has run none yet.
             self._restart_val_count = False

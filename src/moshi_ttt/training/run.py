@@ -90,7 +90,7 @@ def _setup_logging() -> None:
     logging.getLogger("moshi_ttt").setLevel(logging.INFO)
 
 
-def run_config(cfg: DictConfig) -> dict:
+def recorded_config(cfg: DictConfig) -> dict:
     """The resolved config as the run records it (config.yaml, checkpoints, loggers): ``ttt``
     under its current names only, without the deprecated fields the schema keeps (null) so
     that old names still parse."""
@@ -106,7 +106,9 @@ def build_curriculum(cfg: DictConfig) -> Curriculum:
     return Curriculum.from_config(OmegaConf.to_container(cfg.curriculum, resolve=True))
 
 
-def build_trainer(cfg: DictConfig, curriculum: Curriculum | None = None, **overrides) -> L.Trainer:
+def build_trainer(cfg: DictConfig, curriculum: Curriculum | None = None, recorded: dict | None = None,
+                  **overrides) -> L.Trainer:
+    """``recorded``: the config checkpoints carry (``recorded_config(cfg)`` when not given)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     interactive = sys.stdout.isatty()
     if interactive:
@@ -118,7 +120,8 @@ def build_trainer(cfg: DictConfig, curriculum: Curriculum | None = None, **overr
     if SLURMEnvironment.detect():
         # PreemptionCallback owns requeue; Lightning's own handler would requeue a second time.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    callbacks += [RunConfigCallback(run_config(cfg)), MetricsRowAtCheckpoint()]
+    callbacks += [RunConfigCallback(recorded if recorded is not None else recorded_config(cfg)),
+                  MetricsRowAtCheckpoint()]
     kwargs = dict(callbacks=callbacks, logger=loggers or False, plugins=plugins, enable_progress_bar=interactive)
     if curriculum:
         # One stage = one epoch with its own loader; accumulation follows the stage.
@@ -136,13 +139,9 @@ def build_module(cfg: DictConfig, curriculum: Curriculum | None = None) -> Moshi
     ttt_cfg = OmegaConf.to_container(cfg.ttt, resolve=True) if cfg.get("ttt") is not None else None
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     optim["betas"] = tuple(optim["betas"])
-    from moshi_ttt.config.schema import DistillConfig
-
-    loss = OmegaConf.to_container(cfg.loss, resolve=True)
-    loss["distill"] = DistillConfig(**(loss.get("distill") or {}))  # nested: a dataclass too, not a dict
     return MoshiTTTModule(
         functools.partial(build_model, model_cfg, ttt_cfg),
-        loss=LossConfig(**loss),
+        loss=LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)),  # the module types loss.distill
         optim=OptimConfig(**optim),
         curriculum=curriculum,
     )
@@ -195,21 +194,22 @@ def train(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, run_dir: Path, curriculum: Curriculum, datamodule, owner: bool) -> tuple[dict, L.Trainer]:
     if owner:
         remove_temp_files(run_dir / "checkpoints")
+    recorded = recorded_config(cfg)
     ckpt, content = find_resume_checkpoint(cfg.ckpt_path, run_dir)
     if content is not None:
-        check_resume_config(content, run_config(cfg), ckpt,
+        check_resume_config(content, recorded, ckpt,
                             bool(OmegaConf.select(cfg, "resume.allow_config_change", default=False)))
         del content
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     tune_cpu_runtime(cpu_training=OmegaConf.select(cfg, "trainer.accelerator") == "cpu")
     module = build_module(cfg, curriculum)
-    trainer = build_trainer(cfg, curriculum)
+    trainer = build_trainer(cfg, curriculum, recorded)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config(cfg)))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recorded))
         for lg in trainer.loggers:
-            lg.log_hyperparams(run_config(cfg))
+            lg.log_hyperparams(recorded)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except Preempted as stop:
