@@ -73,14 +73,11 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
     @classmethod
     def from_moshi_with_memory(cls, module, window: int, ttt_config: TTTConfig, name: str,
                                memory_read: str = "add", chunk_size: int | None = None,
-                               backend: str = "sdpa", memory_slots: int | None = None) -> CacheReplacementAttention:
+                               backend: str = "sdpa") -> CacheReplacementAttention:
         if memory_read not in MEMORY_READS:
             raise ValueError(f"ttt.memory_read={memory_read!r} must be one of {MEMORY_READS}")
         if window < 1:
             raise ValueError(f"ttt.ttt_layer_attention_window={window} must be >= 1")
-        if memory_slots is not None:
-            raise ValueError(f"ttt.memory_slots={memory_slots}: kv_slots no longer reads fixed probe slots; each "
-                             "query reads its own slot f_W(q) (remove ttt.memory_slots)")
         b = int(ttt_config.mini_batch_size)
         lag = read_lag(window, b)
         module = LocalStreamingAttention.from_moshi(module, lag * b, chunk_size, backend)
