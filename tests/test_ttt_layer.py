@@ -93,6 +93,30 @@ def test_dual_form_matches_reference(inner, b, T):
     assert state.lengths == (T % b,) * 2 and state.positions == (T, T)
 
 
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+@pytest.mark.parametrize("lag", [0, 2])
+def test_memory_without_inner_norm_matches_reference(inner, lag):
+    # inner_norm=false: f(x) = x + g(x), the delta rule; the same dual form with the LN left out
+    layer = make_layer(inner, 4, seed=lag + 5, inner_norm=False)
+    assert not any("ln_" in n for n, _ in layer.named_parameters())  # nothing left to learn there
+    x = torch.randn(2, 14, DIM, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    y_ref = reference_layer(layer, x)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    assert_all_close(grads_of(layer, y, x), grads_of(layer, y_ref, x))
+    with_norm = make_layer(inner, 4, seed=lag + 5)
+    assert not torch.allclose(with_norm(x)[0], y)  # the option changes what is computed
+    mem = TTTMemory(layer.config, 4, read_lag=lag).double()
+    mem.load_state_dict(layer.memory.state_dict())
+    B, H, T, d = 2, 2, 15, 4
+    xq, xk, xv = (torch.randn(B, H, T, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    lr = (0.3 * torch.rand(B, H, T, dtype=torch.float64)).requires_grad_()
+    out, _ = mem(xq, xk, xv, lr)
+    ref = reference_memory(mem, xq, xk, xv, lr)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert_all_close(grads_of(mem, out, xq, xk, xv, lr), grads_of(mem, ref, xq, xk, xv, lr))
+
+
 def test_weight_norm_clip_matches_reference_and_bounds_weights():
     layer = make_layer("mlp", 4, seed=3, weight_norm_clip=1.5)
     x = torch.randn(2, 13, DIM, dtype=torch.float64, requires_grad=True)

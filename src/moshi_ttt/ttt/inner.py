@@ -24,7 +24,7 @@ from moshi_ttt.ttt.config import config_key
 
 Tensor = torch.Tensor
 Weights = dict[str, Tensor]
-LNParams = tuple[Tensor, Tensor, float]
+LNParams = tuple[Tensor, Tensor, float | None]  # eps None: no LayerNorm in f (ttt.ttt_layer.inner_norm=false)
 
 
 def _normalise(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -34,14 +34,19 @@ def _normalise(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def layer_norm(z: Tensor, ln: LNParams) -> Tensor:
-    """Per-head LayerNorm over the last dim (biased variance, as torch's)."""
+    """Per-head LayerNorm over the last dim (biased variance, as torch's); eps None: the identity."""
     weight, bias, eps = ln
+    if eps is None:
+        return z
     return _normalise(z, eps)[0] * weight + bias
 
 
 def ln_l2_grad(z: Tensor, target: Tensor, ln: LNParams) -> Tensor:
-    """d/dz of 0.5 * ||LN(z) - target||^2, per token: the inner loss gradient at the LN input."""
+    """d/dz of 0.5 * ||LN(z) - target||^2, per token: the inner loss gradient at the LN input
+    (eps None: of 0.5 * ||z - target||^2, the delta rule's error)."""
     weight, bias, eps = ln
+    if eps is None:
+        return z - target
     xh, rstd = _normalise(z, eps)
     gxh = (xh * weight + bias - target) * weight
     return rstd * (gxh - gxh.mean(-1, keepdim=True) - xh * (gxh * xh).mean(-1, keepdim=True))

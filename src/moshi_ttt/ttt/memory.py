@@ -49,9 +49,18 @@ class TTTMemory(nn.Module):
         self.initial = nn.ParameterDict(
             {k: nn.Parameter(v) for k, v in self.inner.init_weights(H, config.init_std).items()}
         )
-        self.ln_weight = nn.Parameter(torch.ones(H, head_dim))
-        self.ln_bias = nn.Parameter(torch.zeros(H, head_dim))
+        if config.inner_norm:
+            self.ln_weight = nn.Parameter(torch.ones(H, head_dim))
+            self.ln_bias = nn.Parameter(torch.zeros(H, head_dim))
+        else:  # no LayerNorm in f: nothing to learn (kept as buffers so the scan's signature stays one)
+            self.register_buffer("ln_weight", torch.ones(H, head_dim), persistent=False)
+            self.register_buffer("ln_bias", torch.zeros(H, head_dim), persistent=False)
         self.token_bias = nn.Parameter(torch.zeros(self.mini_batch_size)) if config.per_position_lr else None
+
+    @property
+    def ln_eps(self) -> float | None:
+        """The inner LayerNorm's epsilon; None when f has no LayerNorm (``inner_norm=false``)."""
+        return self.config.ln_eps if self.config.inner_norm else None
 
     def token_eta(self, device=None, dtype=torch.float32) -> Tensor:
         """[b] factor of position i in a mini-batch: 1/(i+1) (+ learned offset, kept >= 0)."""
@@ -144,7 +153,7 @@ class TTTMemory(nn.Module):
             num_commit=num_commit,
             weight_clip=c.weight_norm_clip,
             checkpoint_group_size=c.checkpoint_group_size,
-            ln_eps=c.ln_eps,
+            ln_eps=self.ln_eps,
         )
         keep = num_commit * b
         new = replace(
@@ -165,7 +174,7 @@ class TTTMemory(nn.Module):
             xq = xq.to(dtype)
             z = self.inner.forward({k: w.to(dtype) for k, w in weights.items()}, xq)
             ln = (self.ln_weight.to(dtype)[None, :, None, :], self.ln_bias.to(dtype)[None, :, None, :],
-                  self.config.ln_eps)
+                  self.ln_eps)
             return xq + layer_norm(z, ln)
 
     @torch.no_grad()

@@ -64,7 +64,7 @@ def reference_head(
     w0: Weights,
     ln_w: Tensor,
     ln_b: Tensor,
-    eps: float,
+    eps: float | None,
     tok: Tensor,
     b: int,
     q: Tensor,
@@ -82,7 +82,7 @@ def reference_head(
     T = k.shape[0]
 
     def f_ln(z: Tensor) -> Tensor:
-        return F.layer_norm(z, (z.shape[-1],), ln_w, ln_b, eps)
+        return z if eps is None else F.layer_norm(z, (z.shape[-1],), ln_w, ln_b, eps)
 
     W, history, rows = dict(w0), [dict(w0)], []
     for m0 in range(0, T, b):
@@ -118,7 +118,7 @@ def reference_memory(memory, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor) -> 
         for h in range(xk.shape[1]):
             w0 = {n: p[h] for n, p in memory.initial.items()}
             heads.append(reference_head(
-                c.inner, w0, memory.ln_weight[h], memory.ln_bias[h], c.ln_eps, tok, memory.mini_batch_size,
+                c.inner, w0, memory.ln_weight[h], memory.ln_bias[h], memory.ln_eps, tok, memory.mini_batch_size,
                 xq[s, h], xk[s, h], xv[s, h], lr[s, h], memory.read_lag, c.weight_norm_clip))
         out.append(torch.stack(heads))
     return torch.stack(out)
@@ -140,7 +140,7 @@ def reference_layer(layer, x: Tensor) -> Tensor:
             lr = lr.clamp(c.eta_min, c.eta_max)
             w0 = {n: p[h] for n, p in mem.initial.items()}
             heads.append(reference_head(
-                c.inner, w0, mem.ln_weight[h], mem.ln_bias[h], c.ln_eps, tok, mem.mini_batch_size,
+                c.inner, w0, mem.ln_weight[h], mem.ln_bias[h], mem.ln_eps, tok, mem.mini_batch_size,
                 q, k, v, lr, 0, c.weight_norm_clip))
         o = torch.cat(heads, dim=-1)
         o = F.layer_norm(o, (H * d,), layer.post_norm.weight, layer.post_norm.bias, layer.post_norm.eps)

@@ -75,7 +75,7 @@ def ttt_scan(
     num_commit: int | None = None,
     weight_clip: float | None = None,
     checkpoint_group_size: int = 0,
-    ln_eps: float = 1e-6,
+    ln_eps: float | None = 1e-6,
 ) -> tuple[Tensor, Weights]:
     """Write (xk -> xv) into the fast weights mini-batch by mini-batch and read them with xq.
 
@@ -86,7 +86,7 @@ def ttt_scan(
         xk, xv: [B, H, N, d] the write stream; the inner loss reconstructs xv - xk from xk.
         lr: [B, H, N] per-token learning rate of the write stream.
         token_eta: [b] factor of position i inside a mini-batch (eta_ij = token_eta[i] * lr[j]).
-        ln_weight, ln_bias: [H, d] the per-head LayerNorm of f(x) = x + LN(g(x)).
+        ln_weight, ln_bias: [H, d] the per-head LayerNorm of f(x) = x + LN(g(x)); ln_eps None: f has none.
         read_lag: see the module docstring.
         query_start: positions before it have no query (a stream resumed with buffered tokens).
         num_commit: complete mini-batches to write into the returned weights (default: all).
