@@ -15,7 +15,8 @@ from moshi_ttt.memory_proof import VARIANTS, delay_gap, lookup_reach, main
 @pytest.mark.slow
 def test_memory_proof_runs_every_variant(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--window", "16", "--pairs", "2", "3", "--delays", "2", "3",
-                 "--train-delay", "2", "--base-steps", "4", "--variant-steps", "6", "--pretrain-samples", "16",
+                 "--train-delay", "2", "--base-steps", "4", "--base-extend-steps", "3", "--extend-batch-size", "2",
+                 "--variant-steps", "6", "--pretrain-samples", "16",
                  "--train-samples", "16", "--test-samples", "4", "--batch-size", "2", "--base-batch-size", "4"]) == 0
     result = json.loads((tmp_path / "memory_proof.json").read_text())
     names = ["frozen base", "oracle", *VARIANTS]
@@ -25,7 +26,7 @@ def test_memory_proof_runs_every_variant(tmp_path, capsys):
             assert 0.0 <= r[f"recall_{k}"] <= 1.0
         assert r["chance"] == pytest.approx(1 / 32) and r["late_loss_3x"] > 0
     assert result["delays"] == {"2x": 32, "3x": 48} and result["oracle_window"] > 48
-    assert result["in_window_reach"] < 16 and set(result["timings"]) >= {"base", *VARIANTS}
+    assert result["in_window_reach"] < 16 and set(result["timings"]) >= {"base", "base_extended", *VARIANTS}
     assert (tmp_path / "recall_vs_delay.png").stat().st_size > 1000
     assert "| cache_replacement_kv_slots | 3 |" in capsys.readouterr().out
     assert (tmp_path / "memory_proof.md").read_text().count("\n| ") == 2 * len(names) + 2  # + header and rule

@@ -7,10 +7,16 @@ falls silent for a gap, then asks every key again, each followed by its value. I
 attention window the tiny base learns the lookup; beyond it only a memory can help.
 
 1. Pretrain a tiny base Moshi (every weight trains) with a ``--window``-frame attention window on
-   conversations whose pairs stay inside the window; save it as a checkpoint directory; freeze it.
+   conversations whose pairs stay inside it (the lookup emerges there), then with a window that
+   covers the longest delay on pairs at every distance up to it (``--base-extend-steps``: a
+   lookup learned on short distances does not reach 4-8x as far, and the oracle must); save it
+   as a checkpoint directory with the ``--window`` window; freeze it.
 2. Train each variant's TTT layers on the frozen base (same window) on conversations whose pairs
    are queried ``--train-delay`` x the window later (a quarter inside, so the base's own skill is
-   kept): a short in-window stage first, then everything.
+   kept): a short in-window stage first, then everything. The loss is the text words' (audio is
+   a constant silence and padding follows from the layout: their gradients are only noise here;
+   ``--full-loss`` for Moshi's whole loss); the memories keep the product's TTT defaults
+   (``--inner-norm false`` for the delta rule, see ``bench/memory_capacity.py``).
 3. Score on held-out sets with ``--pairs`` pairs queried inside the window and at each of
    ``--delays`` x the window (``moshi_ttt.eval.recall``: the share of query values predicted
    exactly, teacher-forced), and the loss of the late queries. Rows: the frozen base, an oracle
@@ -64,8 +70,8 @@ def _compose(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
-def _model_overrides(args) -> list[str]:
-    return ["model=tiny", f"model.lm_kwargs.context={args.window}", f"model.lm_kwargs.dim={args.dim}",
+def _model_overrides(args, window: int | None = None) -> list[str]:
+    return ["model=tiny", f"model.lm_kwargs.context={window or args.window}", f"model.lm_kwargs.dim={args.dim}",
             f"model.lm_kwargs.num_layers={args.layers}"]
 
 
@@ -79,6 +85,14 @@ def lookup_reach(pairs: int, gap: int) -> int:
     """The longest attention distance a query needs to reach its stated value (query position of
     the last asked value back to the position after the first stated value)."""
     return 4 * pairs + gap - 3
+
+
+def pretrain_gaps(window: int, base_window: int, pairs: int) -> list[int]:
+    """The base's pretraining gaps: half the conversations have every lookup inside ``window`` (the
+    lookup emerges there first), half at any distance up to ``base_window`` (so that it reaches
+    every delay the proof asks, which the oracle needs)."""
+    short, long = list(range(0, window + 3 - 4 * pairs)), list(range(0, base_window + 3 - 4 * pairs))
+    return short * max(1, round(len(long) / len(short))) + long
 
 
 def delay_gap(multiple: float, window: int, pairs: int) -> int:
@@ -124,11 +138,16 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     W, inside, n_max = args.window, args.inside_gap, max(args.pairs)
     pretrain = _spec(range(0, W + 3 - 4 * n_max), range(2, n_max + 1))  # every lookup inside the window
-    beyond = [delay_gap(args.train_delay, W, n) for n in args.pairs]
-    variant_set = _spec([inside, inside, *beyond * 3], args.pairs)
+    train_pairs = args.train_pairs or args.pairs
+    beyond = [delay_gap(args.train_delay, W, n) for n in train_pairs]
+    variant_set = _spec([inside, inside, *beyond * 3], train_pairs)
     tests = {(n, "in"): _spec([inside], [n]) for n in args.pairs}
     tests.update({(n, f"{m:g}x"): _spec([delay_gap(m, W, n)], [n]) for n in args.pairs for m in args.delays})
+    longest = max(lookup_reach(n, spec.gaps[0]) for (n, _), spec in tests.items()) + 1  # the oracle's window
+    base_window = args.base_window or longest
+    extend = _spec(pretrain_gaps(W, base_window, n_max), range(2, n_max + 1))
     write_pairs_recall_shards(out / "pairs_pretrain", args.pretrain_samples, pretrain, seed=1)
+    write_pairs_recall_shards(out / "pairs_extend", args.pretrain_samples, extend, seed=3)
     write_pairs_recall_shards(out / "pairs_train", args.train_samples, variant_set, seed=2)
     for i, ((n, name), spec) in enumerate(tests.items()):
         write_pairs_recall_shards(out / f"pairs_test_{n}_{name}", args.test_samples, spec, seed=10 + i)
@@ -137,27 +156,37 @@ def run(args) -> dict:
               "callbacks.model_checkpoint.every_n_train_steps=100000", "callbacks.progress.every_n_steps=100",
               "loss.first_codebook_weight=1.0"]
 
-    # 1. the base: everything trains, short window, pairs inside the window.
-    base_cfg = _compose([*_model_overrides(args), *common, "ttt=none", "curriculum=none", "run_name=base",
-                         "model.train_base=true", f"data.train_shards=[{out / 'pairs_pretrain'}]",
-                         f"data.seq_len={pretrain.frames()}", f"data.batch_size={args.base_batch_size}",
-                         f"trainer.max_steps={args.base_steps}", f"optim.lr={args.base_lr}",
-                         f"optim.warmup_steps={min(50, args.base_steps // 10)}", "optim.weight_decay=0.0",
-                         "optim.min_lr_ratio=1.0"])  # constant after warmup
-    base_ckpt = out / "runs" / "base" / "checkpoints" / "last.ckpt"
-    if not (args.reuse and base_ckpt.exists()):
-        t = time.perf_counter()
-        train(base_cfg)
-        _save_timing(out, "base", time.perf_counter() - t)
-    model_cfg = OmegaConf.to_container(base_cfg.model, resolve=True)
-    base_model = build_model(model_cfg, {"variant": "none"})
-    state = torch.load(base_ckpt, weights_only=False)["state_dict"]
-    base_model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
-    base_dir = save_base_checkpoint(base_model, model_cfg["lm_kwargs"], out / "base_checkpoint")
+    # 1. the base: everything trains; the lookup is learned inside the short window, then extended to
+    # every distance up to --base-window (the oracle needs it); then it is frozen with --window.
+    def pretrain_phase(name, spec, shards, window, steps, batch_size, start_dir=None):
+        source = ["model.source=dir", f"model.path={start_dir}"] if start_dir else []
+        cfg = _compose([*_model_overrides(args, window), *common, *source, "ttt=none", "curriculum=none",
+                        f"run_name={name}", "model.train_base=true", f"data.train_shards=[{shards}]",
+                        f"data.seq_len={spec.frames()}", f"data.batch_size={batch_size}",
+                        f"trainer.max_steps={steps}", f"optim.lr={args.base_lr}",
+                        f"optim.warmup_steps={min(50, steps // 10)}", "optim.weight_decay=0.0",
+                        "optim.min_lr_ratio=1.0"])  # constant after warmup
+        ckpt = out / "runs" / name / "checkpoints" / "last.ckpt"
+        if not (args.reuse and ckpt.exists()):
+            t = time.perf_counter()
+            train(cfg)
+            _save_timing(out, name, time.perf_counter() - t)
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        model_cfg.update(source="tiny", path=None)
+        model_cfg["lm_kwargs"]["context"] = W  # saved with the proof's window
+        model = build_model(model_cfg, {"variant": "none"})
+        state = torch.load(ckpt, weights_only=False)["state_dict"]
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=True)
+        return model_cfg, save_base_checkpoint(model, model_cfg["lm_kwargs"], out / f"{name}_checkpoint")
+
+    model_cfg, base_dir = pretrain_phase("base", pretrain, out / "pairs_pretrain", W, args.base_steps,
+                                         args.base_batch_size)
+    if args.base_extend_steps > 0:
+        model_cfg, base_dir = pretrain_phase("base_extended", extend, out / "pairs_extend", base_window,
+                                             args.base_extend_steps, args.extend_batch_size, start_dir=base_dir)
     frozen = {**model_cfg, "source": "dir", "path": str(base_dir), "train_base": False}
 
     # 2. each variant's TTT on the frozen base: in-window conversations first, then everything.
-    longest = max(lookup_reach(n, spec.gaps[0]) for (n, _), spec in tests.items()) + 1
     models = {"frozen base": build_model(frozen, {"variant": "none"}),
               "oracle": build_model(frozen, {"variant": "none", "attention_window": longest})}
     short = _spec([inside], args.pairs).frames()
@@ -172,10 +201,12 @@ def run(args) -> dict:
                 f"run_name={variant}", "model.source=dir", f"model.path={base_dir}",
                 f"data.train_shards={out / 'pairs_train'}", "ttt.layer_indices=null", f"ttt.default_num_layers={args.layers}",
                 f"ttt.ttt_layer.mini_batch_size={args.mini_batch}", f"ttt.ttt_layer.num_heads={args.ttt_heads}",
-                f"ttt.ttt_layer.base_lr={args.inner_lr}",
+                f"ttt.ttt_layer.base_lr={args.inner_lr}", f"ttt.ttt_layer.init_std={args.ttt_init_std}",
+                f"ttt.ttt_layer.inner_norm={str(args.inner_norm).lower()}",
                 f"curriculum.stages=[{_stage('in_window', short, warm, args)},"
                 f"{_stage('full', variant_set.frames(), args.variant_steps - warm, args)}]",
                 f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
+                *([] if args.full_loss else ["loss.audio_weight=0.0", "loss.text_padding_weight=0.0"]),
             ])
             summary = train(cfg)
             ckpt = Path(summary["checkpoint_dir"]) / "last.ckpt"
@@ -271,14 +302,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/memory_proof")
     p.add_argument("--window", type=int, default=32, help="attention window of the base (frames)")
     p.add_argument("--pairs", type=int, nargs="+", default=[4, 8], help="key/value pairs per conversation")
+    p.add_argument("--train-pairs", type=int, nargs="+", default=None,
+                   help="pair counts the variants train on (default: --pairs)")
     p.add_argument("--delays", type=float, nargs="+", default=[4, 8], help="query delays, in windows")
     p.add_argument("--train-delay", type=float, default=4, help="the variants train at this delay (in windows)")
     p.add_argument("--inside-gap", type=int, default=1, help="silent frames before the queries, inside the window")
+    p.add_argument("--base-window", type=int, default=None,
+                   help="attention window of the base's second pretraining phase, whose pairs sit at every distance "
+                        "up to it (default: the oracle's, which covers the longest delay); then the base is frozen "
+                        "with --window")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--ttt-heads", type=int, default=4)
     p.add_argument("--mini-batch", type=int, default=4)
     p.add_argument("--inner-lr", type=float, default=1.0, help="ttt.ttt_layer.base_lr of the memories")
+    p.add_argument("--ttt-init-std", type=float, default=0.02, help="ttt.ttt_layer.init_std of the memories")
+    p.add_argument("--inner-norm", type=lambda v: {"true": True, "false": False}[v.lower()], default=True,
+                   help="ttt.ttt_layer.inner_norm of the memories (true|false; false: the delta rule, whose bare "
+                        "memory holds more pairs: bench/memory_capacity.py)")
     p.add_argument("--batch-size", type=int, default=8, help="of the variants' training")
     p.add_argument("--base-batch-size", type=int, default=32)
     p.add_argument("--pretrain-samples", type=int, default=4096)
@@ -286,8 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-samples", type=int, default=64)
     p.add_argument("--base-steps", type=int, default=800, help="the lookup emerges after ~500 steps")
     p.add_argument("--base-lr", type=float, default=3e-3)
-    p.add_argument("--variant-steps", type=int, default=300)
+    p.add_argument("--base-extend-steps", type=int, default=700,
+                   help="then the base trains on pairs at every distance up to --base-window (0: skip)")
+    p.add_argument("--extend-batch-size", type=int, default=16)
+    p.add_argument("--variant-steps", type=int, default=1000)
     p.add_argument("--ttt-lr", type=float, default=3e-3)
+    p.add_argument("--full-loss", action="store_true",
+                   help="train the variants on Moshi's whole loss; default: the text words only (audio is a "
+                        "constant silence and padding follows from the layout, so their gradients are noise here)")
     p.add_argument("--opening-lr-scale", type=float, default=10.0, help="optim.opening_lr_scale: gates etc.")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="none: only the base")
     p.add_argument("--reuse", action="store_true", help="keep the base and variants already trained in --out")
