@@ -13,7 +13,7 @@ from moshi_ttt.memory_proof import VARIANTS, delay_gap, lookup_reach, main
 
 
 @pytest.mark.slow
-def test_memory_proof_runs_every_variant(tmp_path, capsys):
+def test_memory_proof_runs_every_variant(tmp_path, capsys, monkeypatch):
     assert main(["--out", str(tmp_path), "--window", "16", "--pairs", "2", "3", "--delays", "2", "3",
                  "--train-delay", "2", "--base-steps", "4", "--base-extend-steps", "3", "--extend-batch-size", "2",
                  "--variant-steps", "6", "--pretrain-samples", "16",
@@ -30,6 +30,15 @@ def test_memory_proof_runs_every_variant(tmp_path, capsys):
     assert (tmp_path / "recall_vs_delay.png").stat().st_size > 1000
     assert "| cache_replacement_kv_slots | 3 |" in capsys.readouterr().out
     assert (tmp_path / "memory_proof.md").read_text().count("\n| ") == 2 * len(names) + 2  # + header and rule
+    # the analysis notebook shows this run: the recall-vs-delay plot and the table
+    from test_notebook import execute_notebook, images, markdown
+
+    nb_dir = tmp_path / "notebook"
+    nb_dir.mkdir()
+    nb = execute_notebook(nb_dir, monkeypatch, RUN_DIR=nb_dir / "no-run", EVAL_DIR=nb_dir / "no-eval",
+                          DIAG_DIR=nb_dir / "no-diag", MEMORY_PROOF_DIR=tmp_path)
+    assert images(nb, "plot_recall_vs_delay") == 1
+    assert "| cache_replacement_kv_slots | 3 |" in markdown(nb, "plot_recall_vs_delay")
 
 
 def test_delays_put_the_pairs_where_the_table_says():
