@@ -75,6 +75,7 @@ bench: install
 	$(PY) bench/long_sequence.py
 	$(PY) bench/data.py
 	$(PY) bench/streaming.py
+	$(PY) bench/memory_capacity.py
 
 # Every GPU path on one CUDA GPU (< 8 min on an H200): one table, plus outputs/gpu_check/gpu_check.{json,md}.
 gpu-check: install
