@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from moshi_ttt.memory_proof import VARIANTS, delay_gap, lookup_reach, main
+from moshi_ttt.memory_proof import VARIANTS, delay_gap, gaps_within, lookup_reach, main
 
 
 @pytest.mark.slow
@@ -45,6 +45,7 @@ def test_delays_put_the_pairs_where_the_table_says():
     # the mean distance between a pair and its query is the delay: gap + 2 * pairs
     assert delay_gap(4, 32, 4) + 2 * 4 == 128 and delay_gap(8, 32, 8) + 2 * 8 == 256
     assert lookup_reach(8, 1) < 32 <= lookup_reach(8, 4)
+    assert lookup_reach(8, gaps_within(32, 8)[-1]) == 31 and gaps_within(32, 8)[0] == 0
 
 
 def test_memory_proof_rejects_layouts_that_miss_the_point(tmp_path):

@@ -87,11 +87,16 @@ def lookup_reach(pairs: int, gap: int) -> int:
     return 4 * pairs + gap - 3
 
 
+def gaps_within(window: int, pairs: int) -> range:
+    """Every gap that keeps each lookup of ``pairs`` pairs inside ``window`` (``lookup_reach < window``)."""
+    return range(0, window + 3 - 4 * pairs)
+
+
 def pretrain_gaps(window: int, base_window: int, pairs: int) -> list[int]:
-    """The base's pretraining gaps: half the conversations have every lookup inside ``window`` (the
-    lookup emerges there first), half at any distance up to ``base_window`` (so that it reaches
-    every delay the proof asks, which the oracle needs)."""
-    short, long = list(range(0, window + 3 - 4 * pairs)), list(range(0, base_window + 3 - 4 * pairs))
+    """The base's second pretraining phase: half the conversations have every lookup inside
+    ``window`` (where the lookup emerged), half at any distance up to ``base_window`` (so that it
+    reaches every delay the proof asks, which the oracle needs)."""
+    short, long = list(gaps_within(window, pairs)), list(gaps_within(base_window, pairs))
     return short * max(1, round(len(long) / len(short))) + long
 
 
@@ -137,7 +142,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     W, inside, n_max = args.window, args.inside_gap, max(args.pairs)
-    pretrain = _spec(range(0, W + 3 - 4 * n_max), range(2, n_max + 1))  # every lookup inside the window
+    pretrain = _spec(gaps_within(W, n_max), range(2, n_max + 1))  # every lookup inside the window
     train_pairs = args.train_pairs or args.pairs
     beyond = [delay_gap(args.train_delay, W, n) for n in train_pairs]
     variant_set = _spec([inside, inside, *beyond * 3], train_pairs)

@@ -74,7 +74,7 @@ class TTTConfig:
     """The per-head LayerNorm inside f, as in Sun et al. (2024): f(x) = x + LN(g(x)). false: f(x) = x + g(x)
     and a write is the delta rule (inner loss 0.5 ||g(k) - (v - k)||^2). LN makes each write's step scale
     with 1 / std(g(k)), so the first mini-batch written into near-zero fast weights swamps later ones:
-    ``python bench/bench_memory_capacity.py`` measures recall of pairs written into the bare memory."""
+    ``python bench/memory_capacity.py`` measures recall of pairs written into the bare memory."""
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_MODELS:
