@@ -94,18 +94,19 @@ def test_dual_form_matches_reference(inner, b, T):
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
-@pytest.mark.parametrize("seed", [5, 7])
-def test_layer_without_inner_norm_matches_reference(inner, seed):
-    # inner_norm=false: f(x) = x + g(x), the delta rule; the same dual form with the LN left out
-    layer = make_layer(inner, 4, seed=seed, inner_norm=False)
+@pytest.mark.parametrize("seed,residual", [(5, True), (7, True), (5, False)])
+def test_layer_without_inner_norm_matches_reference(inner, seed, residual):
+    # inner_norm=false: f(x) = x + g(x), the delta rule; the same dual form with the LN left out.
+    # inner_residual=false as well: f(x) = g(x), reconstructing v (not v - k), reads without q.
+    layer = make_layer(inner, 4, seed=seed, inner_norm=False, inner_residual=residual)
     assert not any("ln_" in n for n, _ in layer.named_parameters())  # nothing left to learn there
     x = torch.randn(2, 14, DIM, dtype=torch.float64, requires_grad=True)
     y, _ = layer(x)
     y_ref = reference_layer(layer, x)
     torch.testing.assert_close(y, y_ref, **TOL)
     assert_all_close(grads_of(layer, y, x), grads_of(layer, y_ref, x))
-    with_norm = make_layer(inner, 4, seed=seed)
-    assert not torch.allclose(with_norm(x)[0], y)  # the option changes what is computed
+    other = make_layer(inner, 4, seed=seed, inner_norm=residual, inner_residual=not residual)
+    assert not torch.allclose(other(x)[0], y)  # the options change what is computed
 
 
 def test_weight_norm_clip_matches_reference_and_bounds_weights():
@@ -121,12 +122,12 @@ def test_weight_norm_clip_matches_reference_and_bounds_weights():
     assert max(w.flatten(2).norm(dim=-1).max() for w in unclipped.weights.values()) > 1.5  # clip was active
 
 
-@pytest.mark.parametrize("inner_norm", [True, False])
+@pytest.mark.parametrize("inner_norm,residual", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 @pytest.mark.parametrize("lag", [0, 1, 2, 3])
-def test_lagged_read_of_separate_stream_matches_reference(inner, lag, inner_norm):
+def test_lagged_read_of_separate_stream_matches_reference(inner, lag, inner_norm, residual):
     torch.manual_seed(lag)
-    layer = make_layer(inner, 4, seed=lag, inner_norm=inner_norm)
+    layer = make_layer(inner, 4, seed=lag, inner_norm=inner_norm, inner_residual=residual)
     mem = TTTMemory(layer.config, 4, read_lag=lag).double()
     mem.load_state_dict(layer.memory.state_dict())
     B, H, T, d = 2, 2, 19, 4

@@ -217,3 +217,39 @@ def test_opening_parameters_train_faster_without_weight_decay(tiny_lm_kwargs, va
         assert by_param[id(p)]["lr"] == pytest.approx(1e-3) and by_param[id(p)]["weight_decay"] == 0.1
     assert sum(len(g["params"]) for g in groups) == len(names)
 
+
+
+@pytest.mark.parametrize("variant", ["pre_attention", "post_attention", "hybrid"])
+def test_init_from_attention_copies_the_attention_and_starts_at_the_frozen_model(tiny_lm_kwargs, variant):
+    """ttt.init_from_attention: the TTT branch's projections are the layer's attention's, the gate
+    is closed (step 0 is the frozen base with the variant's window), and opening the gate alone
+    changes the output (the copied read is live, unlike a zero read projection's)."""
+    from moshi_ttt.models.attention import install_local_attention
+
+    base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs={**tiny_lm_kwargs, "context": 64}))
+    model = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs={**tiny_lm_kwargs, "context": 64}))
+    install_ttt(model, {"variant": variant, "layer_indices": [0, -1], "ttt_layer_attention_window": 8,
+                        "init_from_attention": True, "ttt_layer": {"mini_batch_size": 4, "num_heads": 4}})
+    layer = model.transformer.layers[0]
+    q, k, v = layer.layer.self_attn.in_projs[0].weight.chunk(3)
+    for proj, weight in ((layer.ttt.q_proj, q), (layer.ttt.k_proj, k), (layer.ttt.v_proj, v),
+                         (layer.ttt.out_proj, layer.layer.self_attn.out_projs[0].weight)):
+        assert torch.equal(proj.weight, weight)
+    assert not layer.ttt.gate_alpha.any()
+    install_local_attention(base, {i: int(getattr(lay, "layer", lay).self_attn.context)
+                                   for i, lay in enumerate(model.transformer.layers)})
+    codes = _codes(tiny_lm_kwargs)
+    with torch.no_grad():
+        ref = base(codes).logits.nan_to_num()
+        torch.testing.assert_close(model(codes).logits.nan_to_num(), ref, atol=1e-5, rtol=0)
+        for lay in model.transformer.layers:
+            if hasattr(lay, "ttt"):
+                lay.ttt.gate_alpha.fill_(0.5)
+        assert (model(codes).logits.nan_to_num() - ref).abs().max() > 1e-3
+
+
+def test_init_from_attention_needs_the_attentions_heads(tiny_lm_kwargs):
+    model = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs=tiny_lm_kwargs))
+    with pytest.raises(ValueError, match="ttt.init_from_attention.*num_heads=4"):
+        install_ttt(model, {"variant": "pre_attention", "init_from_attention": True,
+                            "ttt_layer": {"mini_batch_size": 4, "num_heads": 2}})

@@ -15,8 +15,11 @@ attention window the tiny base learns the lookup; beyond it only a memory can he
    are queried ``--train-delay`` x the window later (a quarter inside, so the base's own skill is
    kept): a short in-window stage first, then everything. The loss is the text words' (audio is
    a constant silence and padding follows from the layout: their gradients are only noise here;
-   ``--full-loss`` for Moshi's whole loss); the memories keep the product's TTT defaults
-   (``--inner-norm false`` for the delta rule, see ``bench/memory_capacity.py``).
+   ``--full-loss`` for Moshi's whole loss). The memories are associative ones: the delta rule
+   without the inner LayerNorm (``--inner-norm``, see ``bench/memory_capacity.py``), reads of only
+   what was written (``--inner-residual``), an inner learning rate that writes a pair in a few
+   frames (``--inner-lr``), and pre/post_attention's and hybrid's TTT branch starting as a copy of
+   its layer's attention (``--init-from-attention``); each flag also takes the product's default.
 3. Score on held-out sets with ``--pairs`` pairs queried inside the window and at each of
    ``--delays`` x the window (``moshi_ttt.eval.recall``: the share of query values predicted
    exactly, teacher-forced), and the loss of the late queries. Rows: the frozen base, an oracle
@@ -208,10 +211,13 @@ def run(args) -> dict:
                 f"ttt.ttt_layer.mini_batch_size={args.mini_batch}", f"ttt.ttt_layer.num_heads={args.ttt_heads}",
                 f"ttt.ttt_layer.base_lr={args.inner_lr}", f"ttt.ttt_layer.init_std={args.ttt_init_std}",
                 f"ttt.ttt_layer.inner_norm={str(args.inner_norm).lower()}",
+                f"ttt.ttt_layer.inner_residual={str(args.inner_residual).lower()}",
+                f"ttt.init_from_attention={str(args.init_from_attention).lower()}",
                 f"curriculum.stages=[{_stage('in_window', short, warm, args)},"
                 f"{_stage('full', variant_set.frames(), args.variant_steps - warm, args)}]",
                 f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
                 *([] if args.full_loss else ["loss.audio_weight=0.0", "loss.text_padding_weight=0.0"]),
+                *args.override,
             ])
             summary = train(cfg)
             ckpt = Path(summary["checkpoint_dir"]) / "last.ckpt"
@@ -302,6 +308,13 @@ def plot_recall_vs_delay(result: dict, path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
+def _bool(value: str) -> bool:
+    try:
+        return {"true": True, "false": False}[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected true or false") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/memory_proof")
@@ -310,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-pairs", type=int, nargs="+", default=None,
                    help="pair counts the variants train on (default: --pairs)")
     p.add_argument("--delays", type=float, nargs="+", default=[4, 8], help="query delays, in windows")
-    p.add_argument("--train-delay", type=float, default=4, help="the variants train at this delay (in windows)")
+    p.add_argument("--train-delay", type=float, default=2,
+                   help="the variants train at this delay (in windows; 2: shorter conversations, so more steps fit "
+                        "the time, and a memory trained at 2x recalls as well at 4x and 8x)")
     p.add_argument("--inside-gap", type=int, default=1, help="silent frames before the queries, inside the window")
     p.add_argument("--base-window", type=int, default=None,
                    help="attention window of the base's second pretraining phase, whose pairs sit at every distance "
@@ -320,11 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--ttt-heads", type=int, default=4)
     p.add_argument("--mini-batch", type=int, default=4)
-    p.add_argument("--inner-lr", type=float, default=1.0, help="ttt.ttt_layer.base_lr of the memories")
+    p.add_argument("--inner-lr", type=float, default=16.0,
+                   help="ttt.ttt_layer.base_lr of the memories (16 with head dim 16: eta = sigmoid(.) in [0, 1], "
+                        "a write of up to a quarter of a pair per 4-frame mini-batch; the product's 1 writes 1/16 "
+                        "of that: tuned for the LayerNorm'd inner model, whose step scales with 1/std(g(k)))")
     p.add_argument("--ttt-init-std", type=float, default=0.02, help="ttt.ttt_layer.init_std of the memories")
-    p.add_argument("--inner-norm", type=lambda v: {"true": True, "false": False}[v.lower()], default=True,
+    p.add_argument("--inner-norm", type=_bool, default=False,
                    help="ttt.ttt_layer.inner_norm of the memories (true|false; false: the delta rule, whose bare "
                         "memory holds more pairs: bench/memory_capacity.py)")
+    p.add_argument("--inner-residual", type=_bool, default=False,
+                   help="ttt.ttt_layer.inner_residual (false: a read returns only what was written, not the query "
+                        "plus it)")
+    p.add_argument("--init-from-attention", type=_bool, default=True,
+                   help="ttt.init_from_attention: pre/post_attention's and hybrid's TTT branch starts as a copy of "
+                        "its layer's attention")
     p.add_argument("--batch-size", type=int, default=8, help="of the variants' training")
     p.add_argument("--base-batch-size", type=int, default=32)
     p.add_argument("--pretrain-samples", type=int, default=4096)
@@ -335,12 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-extend-steps", type=int, default=700,
                    help="then the base trains on pairs at every distance up to --base-window (0: skip)")
     p.add_argument("--extend-batch-size", type=int, default=16)
-    p.add_argument("--variant-steps", type=int, default=1000)
+    p.add_argument("--variant-steps", type=int, default=2000)
     p.add_argument("--ttt-lr", type=float, default=3e-3)
     p.add_argument("--full-loss", action="store_true",
                    help="train the variants on Moshi's whole loss; default: the text words only (audio is a "
                         "constant silence and padding follows from the layout, so their gradients are noise here)")
     p.add_argument("--opening-lr-scale", type=float, default=10.0, help="optim.opening_lr_scale: gates etc.")
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more Hydra overrides for every variant's training (e.g. ttt.init_from_attention=true)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="none: only the base")
     p.add_argument("--reuse", action="store_true", help="keep the base and variants already trained in --out")
     args = p.parse_args(argv)

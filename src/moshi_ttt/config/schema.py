@@ -335,6 +335,13 @@ class TTTVariantConfig:
     memory_read: str = "add"
     """cache_replacement: how queries read the memory: add (a gated projection added to attention's output) |
     kv_slots (one slot f_W(q) per query inside the softmax)."""
+    init_from_attention: bool = False
+    """pre_attention, post_attention, hybrid: the TTT branch starts as a copy of its layer's attention (query, key,
+    value and output projections; pre/post_attention's input norm from the attention's) with the gate at 0, so
+    the memory reads at step 0 what that attention would match and copy, and step 0 is still the frozen model
+    (as LoLCATs starts its linear attention from the softmax one). Needs ttt.ttt_layer.num_heads x head_dim =
+    the attention's heads x head width. cache_replacement ignores it: its memory always holds the attention's
+    own keys and values."""
     attention_window: int | None = None
     """Frames every layer's self-attention sees, at linear cost (chunked local attention); null: each layer
     keeps Moshi's context (3000 frames = 4 min). Layers that carry a hybrid or cache_replacement TTT layer use

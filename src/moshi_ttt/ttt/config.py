@@ -75,6 +75,12 @@ class TTTConfig:
     and a write is the delta rule (inner loss 0.5 ||g(k) - (v - k)||^2). LN makes each write's step scale
     with 1 / std(g(k)), so the first mini-batch written into near-zero fast weights swamps later ones:
     ``python bench/memory_capacity.py`` measures recall of pairs written into the bare memory."""
+    inner_residual: bool = True
+    """f(x) = x + ... as in Sun et al. (2024): the inner loss reconstructs v - k from k, and a read returns the
+    query plus the memory's part. false: f(x) = g(x) (or LN(g(x))), a plain associative memory that
+    reconstructs v from k, as linear attention and DeltaNet do: a read returns only what was written (about 0
+    where nothing matches), so a read used as an attention value (cache_replacement's kv_slots) is not
+    dominated by the query itself while the writes are still partial."""
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_MODELS:

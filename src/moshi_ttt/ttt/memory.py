@@ -154,6 +154,7 @@ class TTTMemory(nn.Module):
             weight_clip=c.weight_norm_clip,
             checkpoint_group_size=c.checkpoint_group_size,
             ln_eps=self.ln_eps,
+            residual=c.inner_residual,
         )
         keep = num_commit * b
         new = replace(
@@ -167,7 +168,7 @@ class TTTMemory(nn.Module):
         return out, new
 
     def read(self, weights: dict[str, Tensor], xq: Tensor) -> Tensor:
-        """xq + LN(g(xq; W)) for queries [B, H, n, d] against given fast weights [B, H, ...]:
+        """xq + LN(g(xq; W)) (without ``inner_residual``: LN(g(xq; W))) for queries [B, H, n, d] against given fast weights [B, H, ...]:
         what the scan returns for a lagged read, for callers that hold the weights themselves."""
         dtype = inner_dtype(xq.dtype)
         with torch.autocast(device_type=xq.device.type, enabled=False):
@@ -175,7 +176,8 @@ class TTTMemory(nn.Module):
             z = self.inner.forward({k: w.to(dtype) for k, w in weights.items()}, xq)
             ln = (self.ln_weight.to(dtype)[None, :, None, :], self.ln_bias.to(dtype)[None, :, None, :],
                   self.ln_eps)
-            return xq + layer_norm(z, ln)
+            read = layer_norm(z, ln)
+            return xq + read if self.config.inner_residual else read
 
     @torch.no_grad()
     def weight_stats(self, state: TTTState) -> dict[str, Tensor]:

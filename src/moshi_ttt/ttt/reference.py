@@ -8,7 +8,8 @@ f(x; W) = x + LN(g(x; W)). Tokens arrive in mini-batches of b. For one head:
    ``qk_l2_norm``); a learning rate per token lr_j = clamp(base_lr * sigmoid(x_j . w + c) / d,
    eta_min, eta_max) (``TTTMemory.learning_rates``).
 2. Self-supervised inner loss of token j: l_j(W) = 0.5 * ||LN(g(k_j; W)) - (v_j - k_j)||^2,
-   i.e. f(k_j; W) should reconstruct v_j.
+   i.e. f(k_j; W) should reconstruct v_j (``inner_residual=false``: f = LN(g), target v_j, and
+   the reads below drop the q_i term).
 3. Inside a mini-batch every gradient is taken at the weights W0 the mini-batch starts from.
    Position i reads with W_i = W0 - sum_{j <= i} tok_i * lr_j * grad l_j(W0), tok_i = 1/(i+1)
    (+ a learned offset, kept >= 0, with ``per_position_lr``): out_i = q_i + LN(g(q_i; W_i)).
@@ -73,6 +74,7 @@ def reference_head(
     lr: Tensor,
     lag: int = 0,
     max_norm: float | None = None,
+    residual: bool = True,
 ) -> Tensor:
     """Reads [T, d] of one head of one sample, steps 2-4 above, token by token.
 
@@ -80,6 +82,8 @@ def reference_head(
     [T, d]; ``lr`` [T]; ``tok`` [b]; ``lag``: the read lag in mini-batches (0: causal self-read).
     """
     T = k.shape[0]
+    q_skip = q if residual else torch.zeros_like(q)  # f(x) = x + ... adds the input to every read
+    target = v - k if residual else v
 
     def f_ln(z: Tensor) -> Tensor:
         return z if eps is None else F.layer_norm(z, (z.shape[-1],), ln_w, ln_b, eps)
@@ -89,21 +93,21 @@ def reference_head(
         idx = list(range(m0, min(m0 + b, T)))
         grads = []  # grad l_j(W0) for every token j of the mini-batch, at its start weights W0 = W
         for j in idx:
-            loss = 0.5 * (f_ln(inner_g(kind, W, k[j : j + 1])) - (v[j : j + 1] - k[j : j + 1])).pow(2).sum()
+            loss = 0.5 * (f_ln(inner_g(kind, W, k[j : j + 1])) - target[j : j + 1]).pow(2).sum()
             grads.append(dict(zip(W, torch.autograd.grad(loss, list(W.values()), create_graph=True))))
         if lag == 0:  # position i reads W_i = W0 - tok_i * sum_{j <= i} lr_j * grad_j
             acc = {n: torch.zeros_like(t) for n, t in W.items()}
             for i in idx:
                 acc = {n: acc[n] + lr[i] * grads[i - m0][n] for n in W}
                 Wi = {n: W[n] - tok[i - m0] * acc[n] for n in W}
-                rows.append(q[i : i + 1] + f_ln(inner_g(kind, Wi, q[i : i + 1])))
+                rows.append(q_skip[i : i + 1] + f_ln(inner_g(kind, Wi, q[i : i + 1])))
         if len(idx) == b:  # a full mini-batch commits its last position's weights
             W = clip({n: W[n] - sum(tok[b - 1] * lr[j] * grads[j - m0][n] for j in idx) for n in W}, max_norm)
             history.append(W)
     if lag:  # mini-batch m reads the weights after mini-batch m - lag was written
         for i in range(T):
             Wr = history[max(0, i // b - lag + 1)]
-            rows.append(q[i : i + 1] + f_ln(inner_g(kind, Wr, q[i : i + 1])))
+            rows.append(q_skip[i : i + 1] + f_ln(inner_g(kind, Wr, q[i : i + 1])))
     return torch.cat(rows)
 
 
@@ -119,7 +123,7 @@ def reference_memory(memory, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor) -> 
             w0 = {n: p[h] for n, p in memory.initial.items()}
             heads.append(reference_head(
                 c.inner, w0, memory.ln_weight[h], memory.ln_bias[h], memory.ln_eps, tok, memory.mini_batch_size,
-                xq[s, h], xk[s, h], xv[s, h], lr[s, h], memory.read_lag, c.weight_norm_clip))
+                xq[s, h], xk[s, h], xv[s, h], lr[s, h], memory.read_lag, c.weight_norm_clip, c.inner_residual))
         out.append(torch.stack(heads))
     return torch.stack(out)
 
@@ -141,7 +145,7 @@ def reference_layer(layer, x: Tensor) -> Tensor:
             w0 = {n: p[h] for n, p in mem.initial.items()}
             heads.append(reference_head(
                 c.inner, w0, mem.ln_weight[h], mem.ln_bias[h], mem.ln_eps, tok, mem.mini_batch_size,
-                q, k, v, lr, 0, c.weight_norm_clip))
+                q, k, v, lr, 0, c.weight_norm_clip, c.inner_residual))
         o = torch.cat(heads, dim=-1)
         o = F.layer_norm(o, (H * d,), layer.post_norm.weight, layer.post_norm.bias, layer.post_norm.eps)
         if layer.out_proj is not None:

@@ -76,6 +76,7 @@ def ttt_scan(
     weight_clip: float | None = None,
     checkpoint_group_size: int = 0,
     ln_eps: float | None = 1e-6,
+    residual: bool = True,
 ) -> tuple[Tensor, Weights]:
     """Write (xk -> xv) into the fast weights mini-batch by mini-batch and read them with xq.
 
@@ -83,7 +84,8 @@ def ttt_scan(
         inner: the inner model g (``LinearInner`` / ``MLPInner``).
         weights: fast weights before position 0, name -> [B, H, ...]; position 0 starts a mini-batch.
         xq: [B, H, N - query_start, d] queries of positions query_start .. N-1.
-        xk, xv: [B, H, N, d] the write stream; the inner loss reconstructs xv - xk from xk.
+        xk, xv: [B, H, N, d] the write stream; the inner loss reconstructs xv - xk from xk (``residual``,
+            f(x) = x + ...) or xv (f without the residual).
         lr: [B, H, N] per-token learning rate of the write stream.
         token_eta: [b] factor of position i inside a mini-batch (eta_ij = token_eta[i] * lr[j]).
         ln_weight, ln_bias: [H, d] the per-head LayerNorm of f(x) = x + LN(g(x)); ln_eps None: f has none.
@@ -94,7 +96,8 @@ def ttt_scan(
         checkpoint_group_size: mini-batches per gradient-checkpoint group (0: no checkpointing).
 
     Returns:
-        (out [B, H, N - query_start, d] = xq + LN(g(xq; W_read)), weights after num_commit writes).
+        (out [B, H, N - query_start, d] = xq + LN(g(xq; W_read)) (without ``residual``: no xq), weights
+        after num_commit writes).
     """
     B, H, N, d = xk.shape
     b = mini_batch_size
@@ -111,7 +114,7 @@ def ttt_scan(
             f"mini_batch_size={b}, read_lag={read_lag}"
         )
     if N == 0:
-        return xq, weights
+        return (xq if residual else torch.zeros_like(xq)), weights
     names, n_w = inner.names, len(inner.names)
     Q, K, V, LR = _blocks(xq, b, query_start), _blocks(xk, b), _blocks(xv, b), _blocks(lr, b)
     # everything a group reads is passed explicitly, so the checkpoint can return its gradient
@@ -124,7 +127,7 @@ def ttt_scan(
         return tok, (lnw, lnb, ln_eps), w, tensors[3 + n_w :]
 
     def prepare(tok: Tensor, Kg: Tensor, Vg: Tensor, LRg: Tensor) -> tuple[Tensor, Tensor]:
-        return Vg - Kg, (tok[-1] * LRg).unsqueeze(-1)
+        return (Vg - Kg if residual else Vg), (tok[-1] * LRg).unsqueeze(-1)
 
     if read_lag == 0:
         steps = n
@@ -194,7 +197,8 @@ def ttt_scan(
             outs.append(zq)
     zq = torch.cat(outs, dim=0) if read_lag == 0 else torch.stack(outs[:n])
     zq = zq.movedim(0, 2).reshape(B, H, n * b, d)[:, :, query_start:N]
-    return xq + layer_norm(zq, (shared[1], shared[2], ln_eps)), dict(zip(names, flat))
+    read = layer_norm(zq, (shared[1], shared[2], ln_eps))
+    return (xq + read if residual else read), dict(zip(names, flat))
 
 
 class _Checkpoint(torch.autograd.Function):

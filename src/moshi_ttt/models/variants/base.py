@@ -343,6 +343,30 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState], VariantModule):
         if layer_state is not None:
             layer_state.offset_cpu += T
 
+    @torch.no_grad()
+    def init_from_attention(self) -> None:
+        """Start the TTT branch as a copy of the layer's attention (``ttt.init_from_attention``): its
+        query/key/value/output projections from the attention's, its own input norm (if any) from the
+        attention's, and the gate at 0 so the layer is still the frozen one. The memory then starts
+        by matching and copying what the attention matched and copied inside its window, instead of
+        having to discover a lookup through a zero projection."""
+        attn, ttt = self.layer.self_attn, self.ttt
+        heads, width = int(attn.num_heads), int(attn.embed_dim) // int(attn.num_heads)
+        key = "ttt.init_from_attention"
+        if len(attn.in_projs) != 1 or not isinstance(attn.in_projs[0], nn.Linear) or attn.kv_repeat != 1:
+            raise ValueError(f"{self.name}: {key} needs one plain in-projection with a key per query head "
+                             f"(this attention has {len(attn.in_projs)} in-projections, kv_repeat={attn.kv_repeat})")
+        if (ttt.num_heads, ttt.head_dim) != (heads, width) or ttt.out_proj is None:
+            raise ValueError(f"{self.name}: {key} needs ttt.ttt_layer.num_heads={heads} and head_dim={width} (the "
+                             f"attention's heads) and output_proj=true; got num_heads={ttt.num_heads}, "
+                             f"head_dim={ttt.head_dim}, output_proj={ttt.config.output_proj}")
+        q, k, v = attn.in_projs[0].weight.chunk(3, dim=0)
+        for proj, weight in ((ttt.q_proj, q), (ttt.k_proj, k), (ttt.v_proj, v), (ttt.out_proj, attn.out_projs[0].weight)):
+            proj.weight.copy_(weight)
+        if self.ttt_norm is not None:
+            self.ttt_norm.load_state_dict(self.layer.norm1.state_dict())
+        ttt.gate_alpha.zero_()
+
     def configure_for_stage(self, ttt_mini_batch_size: int | None = None, window: int | None = None) -> None:
         check_stage_mini_batch(ttt_mini_batch_size, self.ttt.memory.mini_batch_size, f"{self.name}: a stage's TTT mini-batch")
 
@@ -384,5 +408,7 @@ class WrappingVariant(Variant):
     def install(self, layer: StreamingTransformerLayer, name: str, ctx: InstallContext
                 ) -> tuple[nn.Module, VariantModule]:
         wrapped = self.layer_class(layer, self.settings.ttt_layer, ctx.dim, name, norm=ctx.norm).to(ctx.device)
+        if getattr(self.settings, "init_from_attention", False):
+            wrapped.init_from_attention()
         return wrapped, wrapped
 
