@@ -64,11 +64,17 @@ def test_step_0_is_the_frozen_model_with_the_variants_window(tiny_lm_kwargs, var
                                    atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["none", *VARIANTS])
-def test_lmgen_streaming_equals_training_forward(tiny_lm_kwargs, variant):
+#: the memory proof's associative memory: delta rule, reads of only what was written, attention copy
+ASSOCIATIVE = {"ttt_layer": {"inner_norm": False, "inner_residual": False, "base_lr": 16.0},
+               "init_from_attention": True}
+
+
+@pytest.mark.parametrize("variant,memory", [*((v, None) for v in ["none", *VARIANTS]),
+                                            ("hybrid", "associative"), ("cache_replacement:kv_slots", "associative")])
+def test_lmgen_streaming_equals_training_forward(tiny_lm_kwargs, variant, memory):
     """LMGen, one frame per step (user and Moshi audio teacher-forced), gives per frame the same
     text logits and transformer outputs as the training forward over the same input tokens."""
-    _, model = _model(tiny_lm_kwargs, variant, window=8, context=24)
+    _, model = tiny_variant_model(tiny_lm_kwargs, variant, 8, context=24, **(ASSOCIATIVE if memory else {}))
     _open_gates(model)
     B, steps = 2, 40
     codes = _codes(tiny_lm_kwargs, B=B, T=steps, seed=3)
@@ -253,3 +259,4 @@ def test_init_from_attention_needs_the_attentions_heads(tiny_lm_kwargs):
     with pytest.raises(ValueError, match="ttt.init_from_attention.*num_heads=4"):
         install_ttt(model, {"variant": "pre_attention", "init_from_attention": True,
                             "ttt_layer": {"mini_batch_size": 4, "num_heads": 2}})
+
