@@ -66,7 +66,7 @@ def test_step_0_is_the_frozen_model_with_the_variants_window(tiny_lm_kwargs, var
 
 #: the memory proof's associative memory: delta rule, reads of only what was written, attention copy
 ASSOCIATIVE = {"ttt_layer": {"inner_norm": False, "inner_residual": False, "base_lr": 16.0},
-               "init_from_attention": True}
+               "init_from_attention": True, "memory_key_adapter": True}
 
 
 @pytest.mark.parametrize("variant,memory", [*((v, None) for v in ["none", *VARIANTS]),
@@ -260,3 +260,28 @@ def test_init_from_attention_needs_the_attentions_heads(tiny_lm_kwargs):
         install_ttt(model, {"variant": "pre_attention", "init_from_attention": True,
                             "ttt_layer": {"mini_batch_size": 4, "num_heads": 2}})
 
+
+@pytest.mark.parametrize("read", ["add", "kv_slots"])
+def test_memory_key_adapter_starts_at_identity_and_leaves_attention_alone(tiny_lm_kwargs, read):
+    """ttt.memory_key_adapter: from zero the memory reads and writes with the attention's own
+    keys (the same outputs as without it); trained, it changes only what the memory stores."""
+    _, plain = tiny_variant_model(tiny_lm_kwargs, f"cache_replacement:{read}", 8)
+    _, adapted = tiny_variant_model(tiny_lm_kwargs, f"cache_replacement:{read}", 8, memory_key_adapter=True)
+    _open_gates(plain)
+    missing = adapted.load_state_dict(plain.state_dict(), strict=False).missing_keys  # same values elsewhere
+    adapters = [p for n, p in adapted.named_parameters() if n.endswith("key_adapter")]
+    assert len(adapters) == 2 and all(p.requires_grad for p in adapters)
+    assert sorted(missing) == sorted(n for n, _ in adapted.named_parameters() if n.endswith("key_adapter"))
+    codes = _codes(tiny_lm_kwargs)
+    with torch.no_grad():
+        for p in adapters:
+            p.zero_()
+        ref = plain(codes).logits.nan_to_num()
+        torch.testing.assert_close(adapted(codes).logits.nan_to_num(), ref, atol=1e-5, rtol=0)
+        for p in adapters:
+            p.normal_(std=0.5)
+        assert (adapted(codes).logits.nan_to_num() - ref).abs().max() > 1e-3
+        set_ttt_enabled(adapted, False)
+        set_ttt_enabled(plain, False)
+        torch.testing.assert_close(adapted(codes).logits.nan_to_num(), plain(codes).logits.nan_to_num(),
+                                   atol=1e-5, rtol=0)

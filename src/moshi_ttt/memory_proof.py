@@ -18,8 +18,10 @@ attention window the tiny base learns the lookup; beyond it only a memory can he
    ``--full-loss`` for Moshi's whole loss). The memories are associative ones: the delta rule
    without the inner LayerNorm (``--inner-norm``, see ``bench/memory_capacity.py``), reads of only
    what was written (``--inner-residual``), an inner learning rate that writes a pair in a few
-   frames (``--inner-lr``), and pre/post_attention's and hybrid's TTT branch starting as a copy of
-   its layer's attention (``--init-from-attention``); each flag also takes the product's default.
+   frames (``--inner-lr``), pre/post_attention's and hybrid's TTT branch starting as a copy of
+   its layer's attention (``--init-from-attention``), and cache_replacement's memory keys and
+   queries through learned maps (``--memory-key-adapter``); each flag also takes the product's
+   default.
 3. Score on held-out sets with ``--pairs`` pairs queried inside the window and at each of
    ``--delays`` x the window (``moshi_ttt.eval.recall``: the share of query values predicted
    exactly, teacher-forced), and the loss of the late queries. Rows: the frozen base, an oracle
@@ -213,6 +215,7 @@ def run(args) -> dict:
                 f"ttt.ttt_layer.inner_norm={str(args.inner_norm).lower()}",
                 f"ttt.ttt_layer.inner_residual={str(args.inner_residual).lower()}",
                 f"ttt.init_from_attention={str(args.init_from_attention).lower()}",
+                f"ttt.memory_key_adapter={str(args.memory_key_adapter).lower()}",
                 f"curriculum.stages=[{_stage('in_window', short, warm, args)},"
                 f"{_stage('full', variant_set.frames(), args.variant_steps - warm, args)}]",
                 f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
@@ -349,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-from-attention", type=_bool, default=True,
                    help="ttt.init_from_attention: pre/post_attention's and hybrid's TTT branch starts as a copy of "
                         "its layer's attention")
+    p.add_argument("--memory-key-adapter", type=_bool, default=True,
+                   help="ttt.memory_key_adapter: cache_replacement's memory keys and queries through learned maps")
     p.add_argument("--batch-size", type=int, default=8, help="of the variants' training")
     p.add_argument("--base-batch-size", type=int, default=32)
     p.add_argument("--pretrain-samples", type=int, default=4096)

@@ -335,6 +335,10 @@ class TTTVariantConfig:
     memory_read: str = "add"
     """cache_replacement: how queries read the memory: add (a gated projection added to attention's output) |
     kv_slots (one slot f_W(q) per query inside the softmax)."""
+    memory_key_adapter: bool = False
+    """cache_replacement: the memory writes and reads with the attention's keys and queries through learned
+    per-head maps from identity (k + k A_k, q + q A_q; attention keeps its own), so training can make the stored
+    keys more distinct than attention needed them: a linear memory has no softmax to sharpen a match."""
     init_from_attention: bool = False
     """pre_attention, post_attention, hybrid: the TTT branch starts as a copy of its layer's attention (query, key,
     value and output projections; pre/post_attention's input norm from the attention's) with the gate at 0, so

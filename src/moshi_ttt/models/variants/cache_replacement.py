@@ -73,7 +73,7 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
     @classmethod
     def from_moshi_with_memory(cls, module, window: int, ttt_config: TTTConfig, name: str,
                                memory_read: str = "add", chunk_size: int | None = None,
-                               backend: str = "sdpa") -> CacheReplacementAttention:
+                               backend: str = "sdpa", key_adapter: bool = False) -> CacheReplacementAttention:
         if memory_read not in MEMORY_READS:
             raise ValueError(f"ttt.memory_read={memory_read!r} must be one of {MEMORY_READS}")
         if window < 1:
@@ -83,10 +83,11 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
         module = LocalStreamingAttention.from_moshi(module, lag * b, chunk_size, backend)
         module.__class__ = cls
         module.fixed_window = True
-        module._init_memory(ttt_config, name, lag, window, memory_read)
+        module._init_memory(ttt_config, name, lag, window, memory_read, key_adapter)
         return module
 
-    def _init_memory(self, cfg: TTTConfig, name: str, lag: int, window: int, memory_read: str) -> None:
+    def _init_memory(self, cfg: TTTConfig, name: str, lag: int, window: int, memory_read: str,
+                     key_adapter: bool = False) -> None:
         if self.kv_repeat != 1:
             raise ValueError(f"{name}: cache_replacement needs one key per query head (kv_repeat=1)")
         head_dim = self.embed_dim // self.num_heads
@@ -98,6 +99,10 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
         self.memory_read = memory_read
         self.read_lag = lag
         self.memory = TTTMemory(cfg, head_dim, read_lag=lag).to(device)
+        # ttt.memory_key_adapter: per-head maps (from identity) of the queries [0] and keys [1]
+        # the memory reads and writes with; attention keeps its own
+        self.key_adapter = (nn.Parameter(torch.zeros(2, self.num_heads, head_dim, head_dim, device=device))
+                            if key_adapter else None)
         self.lr_proj = nn.Linear(self.embed_dim, cfg.num_heads, device=device)
         nn.init.normal_(self.lr_proj.weight, std=cfg.init_std)
         nn.init.zeros_(self.lr_proj.bias)
@@ -144,7 +149,11 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
         state = self._streaming_state
         with torch.autocast(device_type=q.device.type, enabled=False):
             dtype = torch.promote_types(q.dtype, torch.float32)
-            nq, nk = F.normalize(q.to(dtype), dim=-1), F.normalize(k.to(dtype), dim=-1)
+            q, k = q.to(dtype), k.to(dtype)
+            if self.key_adapter is not None:
+                adapter = self.key_adapter.to(dtype)
+                q, k = q + q @ adapter[0], k + k @ adapter[1]
+            nq, nk = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             read, new_state = self.memory(nq, nk, v.to(dtype), lr, state.ttt if state is not None else None)
         if state is not None:
             state.ttt = new_state
@@ -278,7 +287,7 @@ class CacheReplacement(Variant):
         s = self.settings
         attn = CacheReplacementAttention.from_moshi_with_memory(
             layer.self_attn, int(s.ttt_layer_attention_window), s.ttt_layer, name, memory_read=s.memory_read,
-            chunk_size=ctx.chunk_size, backend=ctx.backend)
+            chunk_size=ctx.chunk_size, backend=ctx.backend, key_adapter=bool(getattr(s, "memory_key_adapter", False)))
         return layer, attn  # the layer stays; its attention now carries the memory
 
     @classmethod
