@@ -305,7 +305,7 @@ def plot_recall_vs_delay(result: dict, path) -> None:
     ax.set_xlabel("frames between a pair and its query")
     ax.set_ylabel("recall (exact value)")
     ax.set_ylim(-0.02, 1.08)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a curve
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
