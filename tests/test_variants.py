@@ -224,7 +224,6 @@ def test_opening_parameters_train_faster_without_weight_decay(tiny_lm_kwargs, va
     assert sum(len(g["params"]) for g in groups) == len(names)
 
 
-
 @pytest.mark.parametrize("variant", ["pre_attention", "post_attention", "hybrid"])
 def test_init_from_attention_copies_the_attention_and_starts_at_the_frozen_model(tiny_lm_kwargs, variant):
     """ttt.init_from_attention: the TTT branch's projections are the layer's attention's, the gate
@@ -232,10 +231,7 @@ def test_init_from_attention_copies_the_attention_and_starts_at_the_frozen_model
     changes the output (the copied read is live, unlike a zero read projection's)."""
     from moshi_ttt.models.attention import install_local_attention
 
-    base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs={**tiny_lm_kwargs, "context": 64}))
-    model = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs={**tiny_lm_kwargs, "context": 64}))
-    install_ttt(model, {"variant": variant, "layer_indices": [0, -1], "ttt_layer_attention_window": 8,
-                        "init_from_attention": True, "ttt_layer": {"mini_batch_size": 4, "num_heads": 4}})
+    base, model = tiny_variant_model(tiny_lm_kwargs, variant, 8, init_from_attention=True)
     layer = model.transformer.layers[0]
     q, k, v = layer.layer.self_attn.in_projs[0].weight.chunk(3)
     for proj, weight in ((layer.ttt.q_proj, q), (layer.ttt.k_proj, k), (layer.ttt.v_proj, v),

@@ -168,8 +168,9 @@ class TTTMemory(nn.Module):
         return out, new
 
     def read(self, weights: dict[str, Tensor], xq: Tensor) -> Tensor:
-        """xq + LN(g(xq; W)) (without ``inner_residual``: LN(g(xq; W))) for queries [B, H, n, d] against given fast weights [B, H, ...]:
-        what the scan returns for a lagged read, for callers that hold the weights themselves."""
+        """xq + LN(g(xq; W)) (without ``inner_residual``: LN(g(xq; W))) for queries [B, H, n, d] against
+        given fast weights [B, H, ...]: what the scan returns for a lagged read, for callers that hold
+        the weights themselves."""
         dtype = inner_dtype(xq.dtype)
         with torch.autocast(device_type=xq.device.type, enabled=False):
             xq = xq.to(dtype)

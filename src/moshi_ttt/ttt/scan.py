@@ -114,7 +114,7 @@ def ttt_scan(
             f"mini_batch_size={b}, read_lag={read_lag}"
         )
     if N == 0:
-        return (xq if residual else torch.zeros_like(xq)), weights
+        return xq, weights  # no positions: nothing to read
     names, n_w = inner.names, len(inner.names)
     Q, K, V, LR = _blocks(xq, b, query_start), _blocks(xk, b), _blocks(xv, b), _blocks(lr, b)
     # everything a group reads is passed explicitly, so the checkpoint can return its gradient

@@ -408,7 +408,7 @@ class WrappingVariant(Variant):
     def install(self, layer: StreamingTransformerLayer, name: str, ctx: InstallContext
                 ) -> tuple[nn.Module, VariantModule]:
         wrapped = self.layer_class(layer, self.settings.ttt_layer, ctx.dim, name, norm=ctx.norm).to(ctx.device)
-        if getattr(self.settings, "init_from_attention", False):
+        if self.settings.init_from_attention:
             wrapped.init_from_attention()
         return wrapped, wrapped
 

@@ -287,7 +287,7 @@ class CacheReplacement(Variant):
         s = self.settings
         attn = CacheReplacementAttention.from_moshi_with_memory(
             layer.self_attn, int(s.ttt_layer_attention_window), s.ttt_layer, name, memory_read=s.memory_read,
-            chunk_size=ctx.chunk_size, backend=ctx.backend, key_adapter=bool(getattr(s, "memory_key_adapter", False)))
+            chunk_size=ctx.chunk_size, backend=ctx.backend, key_adapter=s.memory_key_adapter)
         return layer, attn  # the layer stays; its attention now carries the memory
 
     @classmethod
