@@ -53,3 +53,12 @@ def test_memory_proof_rejects_layouts_that_miss_the_point(tmp_path):
         main(["--out", str(tmp_path), "--delays", "0.5", "--window", "32"])  # "beyond" inside the window
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--inside-gap", "20", "--window", "32"])  # "inside" beyond it
+
+
+def test_a_variant_trains_with_its_own_mini_batch_unless_one_is_forced():
+    from moshi_ttt.memory_proof import DEFAULT_MINI_BATCH, row_mini_batch
+
+    assert row_mini_batch(VARIANTS["hybrid"]) == 2 and row_mini_batch(VARIANTS["cache_replacement_kv_slots"]) == 1
+    assert row_mini_batch(VARIANTS["post_attention"]) == DEFAULT_MINI_BATCH
+    assert row_mini_batch(VARIANTS["hybrid"], forced=8) == 8
+    assert row_mini_batch(["ttt=x", "ttt.ttt_layer.mini_batch_size=3", "ttt.ttt_layer.mini_batch_size=5"]) == 5

