@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from moshi_ttt.memory_proof import VARIANTS, delay_gap, gaps_within, lookup_reach, main
+from moshi_ttt.memory_proof import VARIANTS, VARIANTS_WALL, delay_gap, gaps_within, lookup_reach, main
 
 
 @pytest.mark.slow
@@ -17,7 +17,8 @@ def test_memory_proof_runs_every_variant(tmp_path, capsys, monkeypatch):
     assert main(["--out", str(tmp_path), "--window", "16", "--pairs", "2", "3", "--delays", "2", "3",
                  "--train-delay", "2", "--base-steps", "4", "--base-extend-steps", "3", "--extend-batch-size", "2",
                  "--variant-steps", "6", "--pretrain-samples", "16",
-                 "--train-samples", "16", "--test-samples", "4", "--batch-size", "2", "--base-batch-size", "4"]) == 0
+                 "--train-samples", "16", "--test-samples", "4", "--batch-size", "2", "--base-batch-size", "4",
+                 "--jobs", "2"]) == 0  # the variants in two processes side by side
     result = json.loads((tmp_path / "memory_proof.json").read_text())
     names = ["frozen base", "oracle", *VARIANTS]
     assert [(r["model"], r["pairs"]) for r in result["rows"]] == [(n, p) for n in names for p in (2, 3)]
@@ -27,6 +28,8 @@ def test_memory_proof_runs_every_variant(tmp_path, capsys, monkeypatch):
         assert r["chance"] == pytest.approx(1 / 32) and r["late_loss_3x"] > 0
     assert result["delays"] == {"2x": 32, "3x": 48} and result["oracle_window"] > 48
     assert result["in_window_reach"] < 16 and set(result["timings"]) >= {"base", "base_extended", *VARIANTS}
+    together = result["timings"][VARIANTS_WALL]
+    assert together["jobs"] == 2 and together["variants"] == sorted(VARIANTS)
     assert (tmp_path / "recall_vs_delay.png").stat().st_size > 1000
     assert "| cache_replacement_kv_slots | 3 |" in capsys.readouterr().out
     assert (tmp_path / "memory_proof.md").read_text().count("\n| ") == 2 * len(names) + 2  # + header and rule
@@ -62,3 +65,14 @@ def test_a_variant_trains_with_its_own_mini_batch_unless_one_is_forced():
     assert row_mini_batch(VARIANTS["post_attention"]) == DEFAULT_MINI_BATCH
     assert row_mini_batch(VARIANTS["hybrid"], forced=8) == 8
     assert row_mini_batch(["ttt=x", "ttt.ttt_layer.mini_batch_size=3", "ttt.ttt_layer.mini_batch_size=5"]) == 5
+
+
+def test_the_proofs_time_counts_variants_trained_together_once():
+    from moshi_ttt.memory_proof import seconds_from_scratch
+
+    names = sorted(VARIANTS)[:2]
+    timings = {"base": 10.0, "score oracle": 1.0, names[0]: 100.0, names[1]: 80.0}
+    assert seconds_from_scratch(timings, names) == 191.0  # one after the other
+    timings[VARIANTS_WALL] = {"variants": names, "jobs": 2, "seconds": 110.0}
+    assert seconds_from_scratch(timings, names) == 121.0  # side by side: their wall time
+    assert seconds_from_scratch(timings, names[:1]) == 111.0  # a different set: its own times
