@@ -67,6 +67,7 @@ def test_unknown_key_and_group_option_are_named(compose_cfg):
     (["curriculum=demo", "curriculum.stages.0.warmup_steps=50"], "curriculum.stages.0.warmup_steps=50: an integer "
                                                                  "in [0, steps=40]"),
     (["run_name=.."], "run_name='..': must name a directory of its own"),
+    (["ttt.read_grad_through_attention=2"], "ttt.read_grad_through_attention=2.0: a share of the gradient, in [0, 1]"),
 ])
 def test_nonsense_settings_are_refused_naming_the_key(compose_cfg, overrides, message):
     cfg = compose_cfg("experiment=smoke", *overrides)

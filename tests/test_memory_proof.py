@@ -32,6 +32,7 @@ def test_memory_proof_runs_every_variant(tmp_path, capsys, monkeypatch):
     assert together["jobs"] == 2 and together["variants"] == sorted(VARIANTS)
     assert (tmp_path / "recall_vs_delay.png").stat().st_size > 1000
     assert "| cache_replacement_kv_slots | 3 |" in capsys.readouterr().out
+    assert result["recipes"]["cache_replacement"] == {"steps": 6, "mini_batch": 2}  # --variant-steps forces all
     assert (tmp_path / "memory_proof.md").read_text().count("\n| ") == 2 * len(names) + 2  # + header and rule
     # the analysis notebook shows this run: the recall-vs-delay plot and the table
     from test_notebook import execute_notebook, images, markdown
@@ -65,6 +66,26 @@ def test_a_variant_trains_with_its_own_mini_batch_unless_one_is_forced():
     assert row_mini_batch(VARIANTS["post_attention"]) == DEFAULT_MINI_BATCH
     assert row_mini_batch(VARIANTS["hybrid"], forced=8) == 8
     assert row_mini_batch(["ttt=x", "ttt.ttt_layer.mini_batch_size=3", "ttt.ttt_layer.mini_batch_size=5"]) == 5
+
+
+def test_a_variant_trains_its_own_steps_unless_they_are_forced():
+    from moshi_ttt.memory_proof import DEFAULT_VARIANT_STEPS, row_steps
+
+    assert row_steps(VARIANTS["cache_replacement"]) == 3000  # add gains from steps
+    assert row_steps(VARIANTS["pre_attention"]) == DEFAULT_VARIANT_STEPS
+    assert row_steps(VARIANTS["hybrid"], forced=6) == 6
+
+
+def test_variants_trained_side_by_side_are_split_into_balanced_groups():
+    from moshi_ttt.memory_proof import balanced_groups
+
+    costs = {"a": 5, "b": 4, "c": 3, "d": 3, "e": 3}
+    groups = balanced_groups(costs, 2)
+    assert sorted(sum(groups, [])) == sorted(costs)  # every row once
+    assert max(sum(costs[v] for v in g) for g in groups) == 9  # the best split (longest first onto the lightest: 10)
+    assert balanced_groups(costs, 8) == [[v] for v in sorted(costs, key=lambda v: -costs[v])]  # one row each
+    many = {f"row{i}": float(i) for i in range(12)}  # too many to try every split: longest first
+    assert sorted(sum(balanced_groups(many, 3), [])) == sorted(many)
 
 
 def test_the_proofs_time_counts_variants_trained_together_once():

@@ -102,6 +102,30 @@ def test_lmgen_streaming_equals_training_forward(tiny_lm_kwargs, variant, memory
     torch.testing.assert_close(stream_logits, full_logits, atol=2e-5, rtol=1e-4)
 
 
+def test_pre_attention_scales_only_the_reads_gradient_through_its_attention(tiny_lm_kwargs):
+    """ttt.read_grad_through_attention changes training, not the model: the forward is the same
+    bit for bit, and the TTT's gradients move linearly between "only through the residual" (0) and
+    the plain gradient (1)."""
+    from moshi_ttt.models.variants.pre_attention import scale_grad
+
+    x = torch.randn(3, requires_grad=True)
+    (scale_grad(x, 0.25) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(scale_grad(x, 0.25), x) and torch.equal(x.grad, torch.tensor([0.25, 0.5, 0.75]))
+    codes = _codes(tiny_lm_kwargs)
+    logits, grads = {}, {}
+    for share in (0.0, 0.5, 1.0):
+        _, model = tiny_variant_model(tiny_lm_kwargs, "pre_attention", 16, read_grad_through_attention=share,
+                                      layer_indices=[-1])  # one TTT layer: its gradient is linear in the share
+        _open_gates(model)
+        out = model(codes).logits.nan_to_num()
+        out.square().mean().backward()
+        logits[share] = out.detach()
+        grads[share] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    assert torch.equal(logits[0.0], logits[1.0]) and torch.equal(logits[0.5], logits[1.0])
+    assert (grads[1.0] - grads[0.0]).abs().max() > 1e-4  # the attention's path carries a gradient
+    torch.testing.assert_close(grads[0.5], (grads[0.0] + grads[1.0]) / 2, atol=1e-6, rtol=1e-4)
+
+
 def test_reset_streaming_restarts_the_memory(tiny_lm_kwargs):
     _, model = _model(tiny_lm_kwargs, "pre_attention")
     _open_gates(model)

@@ -38,6 +38,7 @@ says what actually happened. ``--reuse`` keeps the base and the variants already
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -72,6 +73,8 @@ def proof_variants() -> dict[str, list[str]]:
 VARIANTS = proof_variants()
 MINI_BATCH_KEY = "ttt.ttt_layer.mini_batch_size="
 DEFAULT_MINI_BATCH = 4
+STEPS_KEY = "proof.variant_steps="  # in a row's proof_runs: its steps (not a Hydra key: the proof takes it out)
+DEFAULT_VARIANT_STEPS = 2000
 VARIANTS_WALL = "variants together"  # timings.json: the wall time of training the variants side by side
 
 
@@ -82,6 +85,21 @@ def row_mini_batch(overrides: list[str], forced: int | None = None) -> int:
         return forced
     own = [o.removeprefix(MINI_BATCH_KEY) for o in overrides if o.startswith(MINI_BATCH_KEY)]
     return int(own[-1]) if own else DEFAULT_MINI_BATCH
+
+
+def row_steps(overrides: list[str], forced: int | None = None) -> int:
+    """The steps a row trains: ``--variant-steps`` if given, else the row's own
+    (``proof.variant_steps=`` in its proof_runs), else 2000."""
+    if forced is not None:
+        return forced
+    own = [o.removeprefix(STEPS_KEY) for o in overrides if o.startswith(STEPS_KEY)]
+    return int(own[-1]) if own else DEFAULT_VARIANT_STEPS
+
+
+def training_cost(overrides: list[str], args) -> float:
+    """A row's relative training time: its steps, dearer with smaller TTT mini-batches (fitted to
+    seconds per step on one thread here: 0.148 at mini-batch 1, ~0.13 at 2, ~0.11 at 4)."""
+    return row_steps(overrides, args.variant_steps) * (1 + 0.45 / row_mini_batch(overrides, args.mini_batch))
 
 
 def _compose(overrides: list[str]):
@@ -173,10 +191,11 @@ def train_variant(variant: str, job: dict) -> float:
 
     args, out = job["args"], job["out"]
     t = time.perf_counter()
-    warm = max(1, args.variant_steps // 10)
+    steps = row_steps(VARIANTS[variant], args.variant_steps)
+    warm = max(1, steps // 10)
     b = row_mini_batch(VARIANTS[variant], args.mini_batch)
     fill = {"w": args.window, "wb": args.window - b, "b": b}
-    row = [o.format(**fill) for o in VARIANTS[variant]]
+    row = [o.format(**fill) for o in VARIANTS[variant] if not o.startswith(STEPS_KEY)]
     cfg = _compose([
         *_model_overrides(args), *_common(out), "curriculum=demo",
         f"run_name={variant}", "model.source=dir", f"model.path={job['base_dir']}",
@@ -189,7 +208,7 @@ def train_variant(variant: str, job: dict) -> float:
         f"ttt.memory_key_adapter={str(args.memory_key_adapter).lower()}",
         *row, f"{MINI_BATCH_KEY}{b}",  # the variant's recipe after the common settings
         f"curriculum.stages=[{_stage('in_window', job['short'], warm, args)},"
-        f"{_stage('full', job['frames'], args.variant_steps - warm, args)}]",
+        f"{_stage('full', job['frames'], steps - warm, args)}]",
         f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
         *([] if args.full_loss else ["loss.audio_weight=0.0", "loss.text_padding_weight=0.0"]),
         *args.override,
@@ -207,27 +226,58 @@ def _worker_init(threads: int) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
 
 
+def _train_in_turn(variants: list[str], job: dict) -> list[tuple[str, float]]:
+    return [(v, train_variant(v, job)) for v in variants]
+
+
+def balanced_groups(costs: dict[str, float], groups: int) -> list[list[str]]:
+    """Split the rows into ``groups`` lists whose largest summed cost is the smallest possible
+    (every assignment is tried for a handful of rows; else longest first onto the lightest list)."""
+    names = sorted(costs, key=lambda v: -costs[v])
+    groups = max(1, min(groups, len(names)))
+    if groups ** len(names) <= 50_000:
+        best, best_load = None, float("inf")
+        for assign in itertools.product(range(groups), repeat=len(names)):
+            if assign and assign[0] != 0:  # the groups are interchangeable: the first row goes to group 0
+                break
+            loads = [0.0] * groups
+            for name, g in zip(names, assign):
+                loads[g] += costs[name]
+            if max(loads) < best_load:
+                best, best_load = assign, max(loads)
+        split = [[n for n, g in zip(names, best) if g == i] for i in range(groups)]
+    else:
+        split = [[] for _ in range(groups)]
+        loads = [0.0] * groups
+        for name in names:
+            i = loads.index(min(loads))
+            split[i].append(name)
+            loads[i] += costs[name]
+    return [g for g in split if g]
+
+
 def train_variants(variants: list[str], job: dict, jobs: int):
-    """Train ``variants`` (``train_variant``), ``jobs`` at a time: one process each, the CPUs shared
-    among them (a tiny model barely gains from a second thread: 200 steps of ``add`` took 21.5 s on
-    one thread and 18.6 s on two here, so two one-thread runs side by side train ~1.7x as many
-    steps per second). Slowest first (the smallest TTT mini-batch); yields (variant, seconds)."""
-    variants = sorted(variants, key=lambda v: row_mini_batch(VARIANTS[v], job["args"].mini_batch))
+    """Train ``variants`` (``train_variant``), ``jobs`` processes at a time, the CPUs shared among
+    them (a tiny model barely gains from a second thread: 200 steps of ``add`` took 21.5 s on one
+    thread and 18.6 s on two here, so two one-thread runs side by side train ~1.7x as many steps
+    per second). Each process trains a group of rows in turn, the groups balanced by
+    ``training_cost``; yields (variant, seconds)."""
+    args = job["args"]
     if jobs <= 1 or len(variants) <= 1:
-        for variant in variants:
+        for variant in sorted(variants, key=lambda v: -training_cost(VARIANTS[v], args)):
             yield variant, train_variant(variant, job)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    jobs = min(jobs, len(variants))
-    threads = max(1, available_cpus() // jobs)
-    logger.info("training %d variants, %d at a time, %d thread(s) each", len(variants), jobs, threads)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+    groups = balanced_groups({v: training_cost(VARIANTS[v], args) for v in variants}, jobs)
+    threads = max(1, available_cpus() // len(groups))
+    logger.info("training %d variants in %d processes of %d thread(s): %s", len(variants), len(groups), threads,
+                " | ".join(", ".join(g) for g in groups))
+    with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        running = {pool.submit(train_variant, v, job): v for v in variants}
-        for done in as_completed(running):
-            yield running[done], done.result()  # a failed run raises here, naming its traceback
+        for done in as_completed([pool.submit(_train_in_turn, g, job) for g in groups]):
+            yield from done.result()  # a failed run raises here, with its traceback
 
 
 def available_cpus() -> int:
@@ -339,7 +389,10 @@ def run(args) -> dict:
     delays = {f"{m:g}x": round(m * W) for m in args.delays}
     result = {"window_frames": W, "pairs": list(args.pairs), "delays": delays, "inside_gap": inside,
               "in_window_reach": max(lookup_reach(n, inside) for n in args.pairs), "oracle_window": longest,
-              "train_delay": args.train_delay, "seconds_this_run": time.perf_counter() - t0,
+              "train_delay": args.train_delay,
+              "recipes": {v: {"steps": row_steps(VARIANTS[v], args.variant_steps),
+                              "mini_batch": row_mini_batch(VARIANTS[v], args.mini_batch)} for v in args.variants},
+              "seconds_this_run": time.perf_counter() - t0,
               "seconds_from_scratch": seconds_from_scratch(timings, args.variants), "timings": timings,
               "settings": vars(args), "rows": rows}
     (out / "memory_proof.json").write_text(json.dumps(result, indent=2))
@@ -370,6 +423,10 @@ def format_table(result: dict) -> str:
         cells = [f"{r.get('recall_' + k, float('nan')):.3f}" for k in labels] + [f"{r['chance']:.3f}"]
         cells += [f"{r.get('late_loss_' + k, float('nan')):.3f}" for k in late]
         lines.append(f"| {r['model']} | {r['pairs']} | " + " | ".join(cells) + " |")
+    recipes = result.get("recipes") or {}
+    if recipes:
+        lines += ["", "Each variant trained " + ", ".join(f"{v} {r['steps']} steps at TTT mini-batch {r['mini_batch']}"
+                                                      for v, r in recipes.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -455,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-extend-steps", type=int, default=700,
                    help="then the base trains on pairs at every distance up to --base-window (0: skip)")
     p.add_argument("--extend-batch-size", type=int, default=16)
-    p.add_argument("--variant-steps", type=int, default=2000)
+    p.add_argument("--variant-steps", type=int, default=None,
+                   help=f"training steps of every variant (default: each row's own, {STEPS_KEY}N in its "
+                        f"proof_runs, else {DEFAULT_VARIANT_STEPS})")
     p.add_argument("--ttt-lr", type=float, default=3e-3)
     p.add_argument("--full-loss", action="store_true",
                    help="train the variants on Moshi's whole loss; default: the text words only (audio is a "

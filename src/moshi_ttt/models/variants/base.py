@@ -200,7 +200,8 @@ class Variant:
         """``make memory-proof``'s runs of this variant: row name -> Hydra overrides ({w}: the base
         window, {wb}: the window minus the TTT mini-batch, {b}: the mini-batch). The variant's own
         proof recipe goes here, after the proof's common settings (e.g. its TTT mini-batch,
-        ``ttt.ttt_layer.mini_batch_size=N``, which ``{wb}`` and ``{b}`` then follow)."""
+        ``ttt.ttt_layer.mini_batch_size=N``, which ``{wb}`` and ``{b}`` then follow), and its training
+        steps, ``proof.variant_steps=N`` (the proof's own key, not Hydra's; default 2000)."""
         return {cls.name: [f"ttt={cls.name}"]}
 
 
