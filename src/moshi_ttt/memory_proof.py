@@ -206,11 +206,11 @@ def train_variant(variant: str, job: dict) -> float:
         f"ttt.ttt_layer.inner_residual={str(args.inner_residual).lower()}",
         f"ttt.init_from_attention={str(args.init_from_attention).lower()}",
         f"ttt.memory_key_adapter={str(args.memory_key_adapter).lower()}",
-        *row, f"{MINI_BATCH_KEY}{b}",  # the variant's recipe after the common settings
         f"curriculum.stages=[{_stage('in_window', job['short'], warm, args)},"
         f"{_stage('full', job['frames'], steps - warm, args)}]",
         f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
         *([] if args.full_loss else ["loss.audio_weight=0.0", "loss.text_padding_weight=0.0"]),
+        *row, f"{MINI_BATCH_KEY}{b}",  # the variant's recipe after the common settings
         *args.override,
     ])
     summary = train(cfg)
