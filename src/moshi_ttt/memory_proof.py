@@ -151,15 +151,18 @@ def _timings(out: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def trained_together(timings: dict, variants: list[str]) -> dict | None:
+    """The timing of training exactly these variants side by side in one run (None: they were not)."""
+    batch = timings.get(VARIANTS_WALL)
+    return batch if batch and set(batch["variants"]) == set(variants) else None
+
+
 def seconds_from_scratch(timings: dict, variants: list[str]) -> float:
     """Wall seconds of training and scoring from scratch: the base's phases, the scoring, and the
-    variants' training (the wall time of training them together when this run trained them all at
+    variants' training (the wall time of training them together when one run trained them all at
     once; else the sum of their own times, as if one after the other)."""
-    batch = timings.get(VARIANTS_WALL)
-    if batch and set(batch["variants"]) == set(variants):
-        trained = batch["seconds"]
-    else:
-        trained = sum(timings.get(v, 0.0) for v in variants)
+    batch = trained_together(timings, variants)
+    trained = batch["seconds"] if batch else sum(timings.get(v, 0.0) for v in variants)
     other = sum(v for k, v in timings.items() if k not in VARIANTS and k != VARIANTS_WALL)
     return trained + other
 
@@ -409,8 +412,8 @@ def _labels(result: dict) -> list[str]:
 def format_table(result: dict) -> str:
     W, labels = result["window_frames"], _labels(result)
     late = list(result["delays"])
-    jobs = result["settings"].get("jobs") or 1
-    together = f" (the variants {jobs} at a time)" if jobs > 1 else ""
+    batch = trained_together(result["timings"], result["settings"]["variants"])  # what the time counted
+    together = f" (the variants {batch['jobs']} at a time)" if batch and batch["jobs"] > 1 else ""
     head = " | ".join(["recall inside the window", *(f"recall at {k} ({v} frames)" for k, v in result["delays"].items()),
                        "chance", *(f"late-query loss {k}" for k in late)])
     lines = [f"memory proof: attention window {W} frames; key/value pairs queried inside the window (at most "
