@@ -218,6 +218,28 @@ def test_kv_slots_is_addressed_by_the_query(tiny_lm_kwargs):
     torch.testing.assert_close(read[0, :, :-1], read[1, :, :-1])
 
 
+def test_kv_slots_value_scale_and_read_key(tiny_lm_kwargs):
+    """The slot hands on s_h x the read (a delta-rule read comes back shrunk), and its key made
+    from the read raises the slot's share for a query the read answers and lowers it otherwise."""
+    _, model = _model(tiny_lm_kwargs, "cache_replacement:kv_slots", window=4)
+    module = next(m for m in model.modules() if hasattr(m, "slot_key"))
+    H, d = module.slot_key.shape
+    g = torch.Generator().manual_seed(0)
+    read = torch.randn(1, H, 3, d, generator=g)
+    q = torch.stack([read[:, :, 0], -read[:, :, 0], torch.zeros_like(read[:, :, 0])], dim=2)  # match, anti, none
+    read[:, :, 1:] = read[:, :, :1]
+    o_local = torch.zeros(1, H, 3, d)
+    lse = module.slot_bias.detach().view(1, H, 1).expand(1, H, 3)  # beta = 1/2 with the keys at zero
+    with torch.no_grad():
+        module.gate_alpha.fill_(10.0)  # open: tanh = 1
+        module.slot_scale.fill_(2.0)
+        torch.testing.assert_close(module._joint(o_local, lse, read, q), 2.0 * 0.5 * read)
+        module.slot_read_key.copy_(torch.eye(d).expand(H, d, d))
+        share = module._joint(o_local, lse, read, q)[..., 0] / (2.0 * read[..., 0])  # [1, H, 3]
+    assert (share[..., 0] > 0.55).all() and (share[..., 1] < 0.45).all()
+    torch.testing.assert_close(share[..., 2], torch.full_like(share[..., 2], 0.5))
+
+
 def test_memory_slots_is_refused_with_a_clear_error(tiny_lm_kwargs):
     base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs=tiny_lm_kwargs, seed=0))
     with pytest.raises(ValueError, match="ttt.memory_slots"):

@@ -10,15 +10,20 @@ recent-enough frames are in both). Read mode ``add``: the memory read, normalise
 (zero-initialised) and gated, is added to the attention output.
 
 Read mode ``kv_slots``: content-addressed. Each query gets one virtual key/value slot of its
-own, whose value is the memory read at that query, ``f_W(q_t)`` (the same lagged read as ``add``:
-only what left the window), and whose logit is learned, ``c_h + q_t . u_h / sqrt(d)`` (a per-head
-bias plus a learned key match, ``u`` from zero). The slot sits in the same softmax as the recent
-keys, one normaliser over both (LoLCATs' window + linear attention; Titans' memory as context):
-``o_J = (1 - beta) o_L + beta f_W(q)`` with ``beta = sigmoid(logit - lse_L)``, ``lse_L`` the
+own, whose value is the memory read at that query, ``r = s_h f_W(q_t)`` (the same lagged read as
+``add``: only what left the window; ``s_h`` a per-head scale from 1), and whose logit is learned,
+``c_h + q_t . (u_h + K_h f_W(q_t)) / sqrt(d)``: a per-head bias, a learned key match, and a key
+made from the slot's own read (``u``, ``K`` from zero), so a query can claim its slot when the memory
+holds something that answers it. The slot sits in the same softmax as the recent keys, one
+normaliser over both (LoLCATs' window + linear attention; Titans' memory as context):
+``o_J = (1 - beta) o_L + beta r`` with ``beta = sigmoid(logit - lse_L)``, ``lse_L`` the
 log-sum-exp of the window's scores. The layer returns ``o_L + tanh(g_h) (o_J - o_L)`` per head,
-g from 0: step 0 is the frozen base, and g's gradient (``beta (f_W(q) - o_L)``) is non-zero, so it
+g from 0: step 0 is the frozen base, and g's gradient (``beta (r - o_L)``) is non-zero, so it
 opens as the slot proves useful. ``c`` starts at log(window): a flat window and the slot then
-share the softmax about evenly, so the gate's gradient is not starved. Packed conversations
+share the softmax about evenly, so the gate's gradient is not starved. The scale lets the slot
+hand on a value as strong as the window's sharp lookups: a delta-rule read of a pair written
+among many frames comes back shrunk (in the memory proof about half the norm of the frozen
+attention's output at the same lookup), and the convex mix alone cannot restore it. Packed conversations
 run this layer once per conversation (attention and memory), as inference would.
 
 Streaming (LMGen) runs moshi's ring-KV-cache attention of capacity ``L * b`` plus the same memory
@@ -115,6 +120,8 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
             self.slot_bias = nn.Parameter(torch.full((self.num_heads,), math.log(lag * cfg.mini_batch_size),
                                                      device=device))
             self.slot_key = nn.Parameter(torch.zeros(self.num_heads, head_dim, device=device))
+            self.slot_read_key = nn.Parameter(torch.zeros(self.num_heads, head_dim, head_dim, device=device))
+            self.slot_scale = nn.Parameter(torch.ones(self.num_heads, device=device))
             self.gate_alpha = nn.Parameter(torch.zeros(self.num_heads, device=device))
         self.ttt_enabled = True
         self._stats: dict[str, torch.Tensor] = {}
@@ -168,17 +175,19 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
 
     def _joint(self, o_local: torch.Tensor, lse: torch.Tensor, read: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Window attention o_L [B, H, T, D] (log-sum-exp ``lse`` [B, H, T]) and each query's own
-        memory slot (value ``read``, logit ``c_h + q . u_h / sqrt(d)``) under one softmax, gated
-        per head: ``o_L + tanh(g) (o_J - o_L)``."""
+        memory slot (value ``s_h read``, logit ``c_h + q . (u_h + K_h read) / sqrt(d)``) under one
+        softmax, gated per head: ``o_L + tanh(g) (o_J - o_L)``."""
         compute = torch.promote_types(o_local.dtype, torch.float32)
         d = q.shape[-1]
-        logit = self.slot_bias.to(compute).view(1, -1, 1) + (q.to(compute) @ self.slot_key.to(compute)[:, :, None]
-                                                            ).squeeze(-1) * d ** -0.5
+        read = read.to(compute)
+        value = read * self.slot_scale.to(compute).view(1, -1, 1, 1)
+        key = self.slot_key.to(compute)[None, :, None] + read @ self.slot_read_key.to(compute)[None]  # [B, H, T, D]
+        logit = self.slot_bias.to(compute).view(1, -1, 1) + (q.to(compute) * key).sum(-1) * d ** -0.5
         beta = torch.sigmoid(logit - lse.to(compute))[..., None]  # the slot's share of the softmax
         gate = torch.tanh(self.gate_alpha).to(compute).view(1, -1, 1, 1)
         o = o_local.to(compute)
         self._slot_share = beta.detach().mean()
-        return (o + gate * beta * (read.to(compute) - o)).to(o_local.dtype)
+        return (o + gate * beta * (value - o)).to(o_local.dtype)
 
     def _slots_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Training forward of one whole conversation batch [B, T, C] in kv_slots mode."""
@@ -251,7 +260,8 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
         the optimiser gives these their own LR scale and no weight decay."""
         if self.memory_read == "add":
             return [self.gate_alpha, self.read_proj.weight, self.lr_proj.weight, self.lr_proj.bias]
-        return [self.gate_alpha, self.slot_bias, self.slot_key, self.lr_proj.weight, self.lr_proj.bias]
+        return [self.gate_alpha, self.slot_bias, self.slot_key, self.slot_read_key, self.slot_scale,
+                self.lr_proj.weight, self.lr_proj.bias]
 
     def health(self) -> dict[str, float]:
         stats = {k: float(v) for k, v in self._stats.items()}
@@ -260,6 +270,7 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
             stats["gate_mean_abs"], stats["gate_max_abs"] = float(gate.abs().mean()), float(gate.abs().max())
             if self.memory_read == "kv_slots":
                 stats["slot_bias_mean"] = float(self.slot_bias.float().mean())
+                stats["slot_scale_mean"] = float(self.slot_scale.float().mean())
                 if getattr(self, "_slot_share", None) is not None:
                     stats["slot_share_mean"] = float(self._slot_share)
             else:
