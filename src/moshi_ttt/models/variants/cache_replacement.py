@@ -311,9 +311,9 @@ class CacheReplacement(Variant):
         # attends over (ceil(W / b) + 1) * b frames (W = ttt_layer_attention_window): W - b gives the base's {w}
         # Small mini-batches: the memory updates more often and the lag wastes less of the window
         # (recall at 4x with 4 pairs, one run each: add 0.898 / 0.902 / 0.895 at b = 4 / 2 / 1,
-        # kv_slots 0.641 / 0.789 / 0.895, 0.836 at b = 1 in the full proof's held-out sets);
+        # kv_slots, before its slot scale and read key, 0.641 / 0.789 / 0.895);
         # b = 1 costs about 1.5x the time of b = 2. add gains from steps (0.887 at 2000, 0.934 at 3000);
-        # kv_slots less (0.836 at 2000, 0.871 at 3000), for 1.5x its time, which the proof's 20 minutes lack.
+        # kv_slots does not (0.918 at 2000 and at 3000 with its slot scale and read key).
         return {"cache_replacement": ["ttt=cache_replacement", "ttt.ttt_layer_attention_window={wb}",
                                       "ttt.ttt_layer.mini_batch_size=2", "proof.variant_steps=3000"],
                 "cache_replacement_kv_slots": ["ttt=cache_replacement", "ttt.memory_read=kv_slots",
