@@ -43,11 +43,9 @@ def probe(module: CacheReplacementAttention, x: torch.Tensor, long_window: int) 
     o_window, lse = local_attention(q, k, v, module.window, return_lse=True)
     lookup = local_attention(q, k, v, long_window)
     out = module._joint(o_window, lse, read, nq)
-    value = read * module.slot_scale.view(1, -1, 1, 1)
-    key = module.slot_key[None, :, None] + read @ module.slot_read_key[None]
-    logit = module.slot_bias.view(1, -1, 1) + (nq * key).sum(-1) * nq.shape[-1] ** -0.5
+    value, beta = module.memory_slot(read, nq, lse)
     cos = lambda a: F.cosine_similarity(a, lookup, dim=-1)  # noqa: E731
-    return {"beta": torch.sigmoid(logit - lse), "cos_read": cos(value), "cos_window": cos(o_window),
+    return {"beta": beta, "cos_read": cos(value), "cos_window": cos(o_window),
             "cos_out": cos(out), "norm_read": value.norm(dim=-1), "norm_lookup": lookup.norm(dim=-1)}
 
 
@@ -81,15 +79,13 @@ def main() -> None:
         for batch in batched(samples, 8):
             codes = stack_codes([s.codes for s in batch])
             logits = model(codes).text_logits
-            for name, m in modules.items():
-                got = probe(m, inputs[name], proof["oracle_window"])
-                for i, s in enumerate(batch):
-                    frames = [int(f) for f in s.meta["recall_frames"]]
-                    for f in FIELDS:
-                        rows[name][f].append(got[f][i][:, frames].T)  # [frames, H]
+            got = {name: probe(m, inputs[name], proof["oracle_window"]) for name, m in modules.items()}
             for i, s in enumerate(batch):
                 frames = [int(f) for f in s.meta["recall_frames"]]
                 hits.append((logits[i, 0, frames].argmax(-1) == codes[i, 0, frames]).float())
+                for name in modules:
+                    for f in FIELDS:
+                        rows[name][f].append(got[name][f][i][:, frames].T)  # [frames, H]
         print(f"\n== {label}: recall {float(torch.cat(hits).mean()):.3f} ({len(samples)} samples); "
               "per head, mean over the recalled frames")
         print("| layer | " + " | ".join(FIELDS) + " |")

@@ -178,16 +178,23 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
         memory slot (value ``s_h read``, logit ``c_h + q . (u_h + K_h read) / sqrt(d)``) under one
         softmax, gated per head: ``o_L + tanh(g) (o_J - o_L)``."""
         compute = torch.promote_types(o_local.dtype, torch.float32)
+        value, beta = self.memory_slot(read, q, lse, compute)
+        beta = beta[..., None]
+        gate = torch.tanh(self.gate_alpha).to(compute).view(1, -1, 1, 1)
+        o = o_local.to(compute)
+        self._slot_share = beta.detach().mean()
+        return (o + gate * beta * (value - o)).to(o_local.dtype)
+
+    def memory_slot(self, read: torch.Tensor, q: torch.Tensor, lse: torch.Tensor,
+                    compute: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's slot: its value ``s_h read`` [B, H, T, D] and its share of the softmax
+        beside a window of log-sum-exp ``lse``, ``beta`` [B, H, T] (also what diagnostics report)."""
         d = q.shape[-1]
         read = read.to(compute)
         value = read * self.slot_scale.to(compute).view(1, -1, 1, 1)
         key = self.slot_key.to(compute)[None, :, None] + read @ self.slot_read_key.to(compute)[None]  # [B, H, T, D]
         logit = self.slot_bias.to(compute).view(1, -1, 1) + (q.to(compute) * key).sum(-1) * d ** -0.5
-        beta = torch.sigmoid(logit - lse.to(compute))[..., None]  # the slot's share of the softmax
-        gate = torch.tanh(self.gate_alpha).to(compute).view(1, -1, 1, 1)
-        o = o_local.to(compute)
-        self._slot_share = beta.detach().mean()
-        return (o + gate * beta * (value - o)).to(o_local.dtype)
+        return value, torch.sigmoid(logit - lse.to(compute))
 
     def _slots_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Training forward of one whole conversation batch [B, T, C] in kv_slots mode."""
