@@ -31,8 +31,8 @@ def test_probe_share_and_value_reproduce_the_layer(tiny_lm_kwargs):
     with torch.no_grad():
         got = probe(layer, x, long_window=40)
         # the layer's own joint output, rebuilt from the probe's share: o_L + tanh(g) beta (s read - o_L)
-        q0, k0, v, lr = layer._memory_inputs(x)
-        read, _ = layer._lagged_read(q0, k0, v, lr)
+        q0, k0, v, lr, log_decay = layer._memory_inputs(x)
+        read, _ = layer._lagged_read(q0, k0, v, lr, log_decay)
         q, k = layer.rope(q0, k0, torch.zeros(2, dtype=torch.long), time_before_heads=False)
         o_window = local_attention(q, k, v, layer.window)
         value = read * layer.slot_scale.view(1, -1, 1, 1)

@@ -374,7 +374,7 @@ def test_config_errors_name_the_hydra_key():
     from moshi_ttt.config.schema import TTTVariantConfig
 
     assert TTTConfig(inner="mlp").mini_batch_size == TTTConfig().mini_batch_size == 16
-    assert TTTVariantConfig().ttt_layer == TTTConfig()
+    assert TTTVariantConfig().ttt_layer.resolved() == TTTConfig()
     assert not (Path(__file__).parents[1] / "conf/ttt/_layer_defaults.yaml").exists()
 
 

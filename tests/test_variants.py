@@ -69,12 +69,22 @@ ASSOCIATIVE = {"ttt_layer": {"inner_norm": False, "inner_residual": False, "base
                "init_from_attention": True, "memory_key_adapter": True}
 
 
+#: the delta rule (chunks of 4 frames, so a 40-frame training forward crosses many), with and without decay
+MEMORIES = {
+    "associative": ASSOCIATIVE,
+    "delta": {"ttt_layer": {"rule": "delta", "mini_batch_size": None, "chunk_size": 4}},
+    "delta_decay": {"ttt_layer": {"rule": "delta", "mini_batch_size": None, "chunk_size": 4, "decay": True}},
+}
+
+
 @pytest.mark.parametrize("variant,memory", [*((v, None) for v in ["none", *VARIANTS]),
-                                            ("hybrid", "associative"), ("cache_replacement:kv_slots", "associative")])
+                                            ("hybrid", "associative"), ("cache_replacement:kv_slots", "associative"),
+                                            *((v, "delta") for v in VARIANTS),
+                                            ("pre_attention", "delta_decay"), ("cache_replacement", "delta_decay")])
 def test_lmgen_streaming_equals_training_forward(tiny_lm_kwargs, variant, memory):
     """LMGen, one frame per step (user and Moshi audio teacher-forced), gives per frame the same
     text logits and transformer outputs as the training forward over the same input tokens."""
-    _, model = tiny_variant_model(tiny_lm_kwargs, variant, 8, context=24, **(ASSOCIATIVE if memory else {}))
+    _, model = tiny_variant_model(tiny_lm_kwargs, variant, 8, context=24, **MEMORIES.get(memory, {}))
     _open_gates(model)
     B, steps = 2, 40
     codes = _codes(tiny_lm_kwargs, B=B, T=steps, seed=3)
@@ -145,13 +155,15 @@ def test_only_ttt_parameters_train(tiny_lm_kwargs):
                          for n in names)
 
 
-@pytest.mark.parametrize("variant", ["pre_attention", "cache_replacement", "cache_replacement:kv_slots"])
-def test_packed_conversations_reset_the_memory_at_boundaries(tiny_lm_kwargs, variant):
+@pytest.mark.parametrize("variant,memory", [("pre_attention", None), ("cache_replacement", None),
+                                            ("cache_replacement:kv_slots", None), ("pre_attention", "delta_decay"),
+                                            ("cache_replacement", "delta")])
+def test_packed_conversations_reset_the_memory_at_boundaries(tiny_lm_kwargs, variant, memory):
     """With segment ids in context, the TTT output of a later conversation equals that of the
     same conversation run alone (fresh memory); without them, the memory carries over."""
     from moshi_ttt.models.segments import segment_context
 
-    _, model = _model(tiny_lm_kwargs, variant, window=8)
+    _, model = tiny_variant_model(tiny_lm_kwargs, variant, 8, **MEMORIES.get(memory, {}))
     _open_gates(model)
     module = next(m for m in model.modules() if hasattr(m, "ttt_enabled"))
     if variant == "pre_attention":
@@ -211,9 +223,9 @@ def test_kv_slots_is_addressed_by_the_query(tiny_lm_kwargs):
     module = next(m for m in model.modules() if hasattr(m, "slot_key"))
     x = torch.randn(2, 32, tiny_lm_kwargs["dim"])
     x[1, :-1] = x[0, :-1]  # same history, different last frame
-    q0, k0, v, lr = module._memory_inputs(x)
+    q0, k0, v, lr, log_decay = module._memory_inputs(x)
     with torch.no_grad():
-        read, _ = module._lagged_read(q0, k0, v, lr)
+        read, _ = module._lagged_read(q0, k0, v, lr, log_decay)
     assert (read[0, :, -1] - read[1, :, -1]).abs().max() > 1e-3
     torch.testing.assert_close(read[0, :, :-1], read[1, :, :-1])
 

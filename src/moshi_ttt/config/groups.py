@@ -39,7 +39,7 @@ RENAMED_KEYS = {**{f"ttt.{old}": f"ttt.{new}" for old, new in TTT_RENAMED.items(
                 "curriculum.stages.N.window": "curriculum.stages.N.attention_window"}
 
 _TTT_DEFAULTS = TTTVariantConfig()
-_LAYER_DEFAULTS = dataclasses.asdict(TTTConfig())
+_LAYER_DEFAULTS = dataclasses.asdict(TTTConfig.schema_default())  # the rule's own settings: null
 
 
 def _plain(node) -> dict:
@@ -97,7 +97,8 @@ def rename_ttt_keys(ttt, where: str = "ttt", command_line: frozenset[str] = froz
     if old:
         merged = dict(raw.get("ttt_layer") or {})
         for key, value in old.items():
-            if (key in merged and merged[key] != value and merged[key] != _LAYER_DEFAULTS.get(key, merged[key])
+            if (merged.get(key) is not None and merged[key] != value
+                    and merged[key] != _LAYER_DEFAULTS.get(key, merged[key])
                     and "layer" not in command_line):
                 raise bad(f"{where}.layer.{key}", value, f"deprecated name of {where}.ttt_layer.{key}, which is set "
                                                          f"to {merged[key]}: set only {where}.ttt_layer.{key}")

@@ -326,7 +326,7 @@ class TTTVariantConfig:
     [-3, -2, -1]); null: the last default_num_layers layers."""
     default_num_layers: int = 3
     """How many of the last layers get TTT when layer_indices is null."""
-    ttt_layer: TTTConfig = field(default_factory=TTTConfig)
+    ttt_layer: TTTConfig = field(default_factory=TTTConfig.schema_default)
     ttt_layer_attention_window: int = 256
     """hybrid and cache_replacement: frames of local attention kept in the layers that carry a TTT layer
     (hybrid: attention over the last W frames beside TTT; cache_replacement: keys/values older than the window

@@ -28,6 +28,7 @@ class TTTLayer(nn.Module):
 
     def __init__(self, config: TTTConfig, dim: int, name: str = "ttt"):
         super().__init__()
+        config = config.resolved()
         self.config = config
         self.dim = dim
         self.name = name
@@ -48,6 +49,7 @@ class TTTLayer(nn.Module):
             nn.init.normal_(lin.weight, std=std)
         nn.init.zeros_(self.lr_proj.bias)
         self.memory = TTTMemory(config, d, read_lag=0)
+        self.decay_proj = self.memory.make_decay_proj(dim)  # the delta rule's forgetting (ttt.ttt_layer.decay)
         self.post_norm = nn.LayerNorm(inner_width)
         self.out_proj = nn.Linear(inner_width, dim, bias=False) if config.output_proj else None
         if self.out_proj is not None:
@@ -77,7 +79,8 @@ class TTTLayer(nn.Module):
             if self.config.qk_l2_norm:
                 q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             lr = self.memory.learning_rates(self.lr_proj, x)  # [B, H, T]
-            out, new_state = self.memory(q, k, v, lr, state)
+            log_decay = self.memory.log_decays(self.decay_proj, x)
+            out, new_state = self.memory(q, k, v, lr, state, log_decay)
             out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
             if self.config.nan_guard:
                 check_finite(self.name, out, x, positions, new_state.weights)
@@ -86,14 +89,17 @@ class TTTLayer(nn.Module):
             out = self.out_proj(out)
         gate = torch.tanh(self.gate_alpha)
         y = (gate * out).to(x.dtype)
-        self._record(x, y, lr, gate, new_state)
+        self._record(x, y, lr, gate, new_state, log_decay)
         return y, new_state
 
     @torch.no_grad()
-    def _record(self, x: Tensor, y: Tensor, lr: Tensor, gate: Tensor, state: TTTState) -> None:
+    def _record(self, x: Tensor, y: Tensor, lr: Tensor, gate: Tensor, state: TTTState,
+                log_decay: Tensor | None = None) -> None:
         stats = self.memory.weight_stats(state)
         if lr.numel():
             stats.update(eta_mean=lr.mean(), eta_min=lr.min(), eta_max=lr.max())
+            if log_decay is not None:
+                stats["decay_mean"] = log_decay.exp().mean()
         stats["gate_mean_abs"] = gate.abs().mean()
         stats["out_in_norm_ratio"] = y.float().norm() / x.float().norm().clamp_min(1e-12)
         self._stats = stats

@@ -21,8 +21,14 @@ f(x; W) = x + LN(g(x; W)). Tokens arrive in mini-batches of b. For one head:
 ``read_lag=L >= 1`` (the cache-replacement memory) reads a separate query stream: queries of
 mini-batch m use the weights after mini-batch m - L was written (the initial ones before).
 
-The fast path (``ttt.scan.ttt_scan`` with ``ttt.inner``'s dual form) computes exactly this
-without ever building W_i; this module builds every W_i with torch.autograd.grad, loops over
+The delta rule (``rule=delta``) is the same memory written every frame, with neither LayerNorm nor
+residual: S = [W; b] and k = [key, 1], frame t writes S <- a_t S + beta_t k_t (v_t - a_t S^T k_t)
+(a_t = 1 without decay; beta_t = lr_t) and the query of frame t reads [q_t, 1]^T S after frame t
+(``read_lag=L``: after frame t - L). ``reference_delta_head`` writes it out token by token; at
+mini-batch 1 without LayerNorm and residual it is step 3 above with b = 1.
+
+The fast paths (``ttt.scan.ttt_scan`` with ``ttt.inner``'s dual form; ``ttt.delta``'s chunks)
+compute exactly this without ever building W_i; this module builds every W_i with torch.autograd.grad, loops over
 samples, heads and tokens, and is slow on purpose: use it for tests and for reading, never to
 train. ``tests/test_ttt_layer.py`` compares the two in float64 to 1e-8, gradients included.
 """
@@ -111,15 +117,47 @@ def reference_head(
     return torch.cat(rows)
 
 
-def reference_memory(memory, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor) -> Tensor:
+def reference_delta_head(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, S0: Tensor, log_decay: Tensor | None = None, lag: int = 0
+) -> tuple[Tensor, Tensor]:
+    """The delta rule for one head of one sample, frame by frame: (reads [T, V], final state [K, V]).
+
+    ``q``, ``k`` [T, K] (the bias row already appended), ``v`` [T, V], ``beta`` [T], ``S0`` [K, V],
+    ``log_decay`` [T] (None: no decay); ``lag``: the query of frame t reads S after frame t (0) or
+    after frame t - lag (S0 before that)."""
+    S, history = S0, [S0]  # history[n]: S after n frames
+    for t in range(k.shape[0]):
+        if log_decay is not None:
+            S = torch.exp(log_decay[t]) * S
+        S = S + beta[t] * torch.outer(k[t], v[t] - S.T @ k[t])
+        history.append(S)
+    rows = [q[t] @ history[t + 1 if lag == 0 else max(0, t - lag + 1)] for t in range(k.shape[0])]
+    return (torch.stack(rows) if rows else v[:0]), S
+
+
+def _delta_memory_head(memory, h: int, q: Tensor, k: Tensor, v: Tensor, lr: Tensor,
+                       log_decay: Tensor | None) -> Tensor:
+    """One head of a delta-rule ``TTTMemory`` from its initial weights (keys and queries get the bias row)."""
+    S0 = torch.cat([memory.initial["W"][h], memory.initial["b"][h]], dim=0)
+    one = q.new_ones(q.shape[0], 1)
+    return reference_delta_head(torch.cat([q, one], -1), torch.cat([k, one], -1), v, lr, S0, log_decay,
+                                memory.read_lag)[0]
+
+
+def reference_memory(memory, xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor,
+                     log_decay: Tensor | None = None) -> Tensor:
     """What ``TTTMemory.forward`` returns for a fresh state: reads [B, H, T, d] from [B, H, T, d]
-    streams and learning rates [B, H, T], one sample and head at a time."""
+    streams, learning rates [B, H, T] (and the delta rule's log-decays), one sample and head at a time."""
     c = memory.config
     tok = position_factors(memory)
     out = []
     for s in range(xk.shape[0]):
         heads = []
         for h in range(xk.shape[1]):
+            if c.rule == "delta":
+                heads.append(_delta_memory_head(memory, h, xq[s, h], xk[s, h], xv[s, h], lr[s, h],
+                                                None if log_decay is None else log_decay[s, h]))
+                continue
             w0 = {n: p[h] for n, p in memory.initial.items()}
             heads.append(reference_head(
                 c.inner, w0, memory.ln_weight[h], memory.ln_bias[h], memory.ln_eps, tok, memory.mini_batch_size,
@@ -142,6 +180,13 @@ def reference_layer(layer, x: Tensor) -> Tensor:
                 q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
             lr = (c.base_lr * torch.sigmoid(x[s] @ layer.lr_proj.weight[h] + layer.lr_proj.bias[h]) / d)
             lr = lr.clamp(c.eta_min, c.eta_max)
+            if c.rule == "delta":
+                log_decay = None
+                if layer.decay_proj is not None:
+                    p = layer.decay_proj
+                    log_decay = -F.softplus(x[s] @ p.weight[h] + p.bias[h])
+                heads.append(_delta_memory_head(mem, h, q, k, v, lr, log_decay))
+                continue
             w0 = {n: p[h] for n, p in mem.initial.items()}
             heads.append(reference_head(
                 c.inner, w0, mem.ln_weight[h], mem.ln_bias[h], mem.ln_eps, tok, mem.mini_batch_size,

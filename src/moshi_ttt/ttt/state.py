@@ -30,6 +30,7 @@ class TTTState:
                parameters, so a reset sample starts from them and gradients reach them.
     buf_k, buf_v: [B, H, L, d] unwritten keys/values, valid up to ``lengths[i]`` (rest zero).
     buf_lr:    [B, H, L] their per-token learning rates.
+    buf_decay: [B, H, L] their log-decays (the delta rule with ``decay``), else None.
     lengths:   unwritten tokens per sample; the buffer always starts on a mini-batch boundary.
     positions: tokens seen per sample since its last reset (for error messages and logging).
     """
@@ -41,12 +42,15 @@ class TTTState:
     buf_lr: Tensor
     lengths: tuple[int, ...]
     positions: tuple[int, ...]
+    buf_decay: Tensor | None = None
 
     @classmethod
     def fresh(
-        cls, init: dict[str, Tensor], batch_size: int, head_dim: int, device=None, dtype=torch.float32
+        cls, init: dict[str, Tensor], batch_size: int, head_dim: int, device=None, dtype=torch.float32,
+        decay: bool = False,
     ) -> TTTState:
-        """A state whose samples all start from ``init`` with nothing buffered (fp32 unless fp64)."""
+        """A state whose samples all start from ``init`` with nothing buffered (fp32 unless fp64);
+        ``decay``: it buffers log-decays too."""
         device = device if device is not None else next(iter(init.values())).device
         weights = {k: _expand(v.to(device=device, dtype=dtype), batch_size) for k, v in init.items()}
         num_heads = next(iter(init.values())).shape[0]
@@ -59,6 +63,7 @@ class TTTState:
             buf_lr=empty[..., 0],
             lengths=(0,) * batch_size,
             positions=(0,) * batch_size,
+            buf_decay=empty[..., 0] if decay else None,
         )
 
     @property
@@ -86,7 +91,8 @@ class TTTState:
         self.weights = weights
         self.lengths = tuple(0 if f else n for f, n in zip(flags, self.lengths))
         self.positions = tuple(0 if f else p for f, p in zip(flags, self.positions))
-        self.buf_k, self.buf_v, self.buf_lr = _trim(self.buf_k, self.buf_v, self.buf_lr, self.lengths)
+        self.buf_k, self.buf_v, self.buf_lr, self.buf_decay = _trim(
+            self.buf_k, self.buf_v, self.buf_lr, self.buf_decay, self.lengths)
         return self
 
     def select(self, index: Sequence[int] | Tensor) -> TTTState:
@@ -98,6 +104,7 @@ class TTTState:
             self.buf_k.index_select(0, t),
             self.buf_v.index_select(0, t),
             self.buf_lr.index_select(0, t),
+            None if self.buf_decay is None else self.buf_decay.index_select(0, t),
             lengths,
         )
         return replace(
@@ -106,6 +113,7 @@ class TTTState:
             buf_k=buf[0],
             buf_v=buf[1],
             buf_lr=buf[2],
+            buf_decay=buf[3],
             lengths=lengths,
             positions=tuple(self.positions[i] for i in idx),
         )
@@ -132,6 +140,8 @@ class TTTState:
             buf_k=torch.cat([_pad_tokens(s.buf_k, width) for s in states]),
             buf_v=torch.cat([_pad_tokens(s.buf_v, width) for s in states]),
             buf_lr=torch.cat([_pad_tokens(s.buf_lr, width) for s in states]),
+            buf_decay=(None if states[0].buf_decay is None
+                       else torch.cat([_pad_tokens(s.buf_decay, width) for s in states])),
             lengths=sum((s.lengths for s in states), ()),
             positions=sum((s.positions for s in states), ()),
         )
@@ -143,6 +153,7 @@ class TTTState:
             buf_k=fn(self.buf_k),
             buf_v=fn(self.buf_v),
             buf_lr=fn(self.buf_lr),
+            buf_decay=None if self.buf_decay is None else fn(self.buf_decay),
         )
 
     def detach(self) -> TTTState:
@@ -172,14 +183,16 @@ def _pad_tokens(x: Tensor, width: int) -> Tensor:
     return F.pad(x, [0, 0] * (x.dim() - 3) + [0, missing])
 
 
-def _trim(buf_k: Tensor, buf_v: Tensor, buf_lr: Tensor, lengths: tuple[int, ...]):
+def _trim(buf_k: Tensor, buf_v: Tensor, buf_lr: Tensor, buf_decay: Tensor | None, lengths: tuple[int, ...]):
     """Zero the slots past each sample's length and drop columns no sample uses."""
     width = max(lengths, default=0)
     buf_k, buf_v, buf_lr = buf_k[:, :, :width], buf_v[:, :, :width], buf_lr[:, :, :width]
+    buf_decay = None if buf_decay is None else buf_decay[:, :, :width]
     if width and min(lengths) < width:
         valid = torch.arange(width, device=buf_k.device) < torch.tensor(lengths, device=buf_k.device)[:, None]
         valid = valid[:, None, :]
         buf_k = torch.where(valid[..., None], buf_k, 0.0)
         buf_v = torch.where(valid[..., None], buf_v, 0.0)
         buf_lr = torch.where(valid, buf_lr, 0.0)
-    return buf_k, buf_v, buf_lr
+        buf_decay = None if buf_decay is None else torch.where(valid, buf_decay, 0.0)
+    return buf_k, buf_v, buf_lr, buf_decay

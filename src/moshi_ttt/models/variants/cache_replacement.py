@@ -83,6 +83,7 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
             raise ValueError(f"ttt.memory_read={memory_read!r} must be one of {MEMORY_READS}")
         if window < 1:
             raise ValueError(f"ttt.ttt_layer_attention_window={window} must be >= 1")
+        ttt_config = ttt_config.resolved()
         b = int(ttt_config.mini_batch_size)
         lag = read_lag(window, b)
         module = LocalStreamingAttention.from_moshi(module, lag * b, chunk_size, backend)
@@ -111,6 +112,8 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
         self.lr_proj = nn.Linear(self.embed_dim, cfg.num_heads, device=device)
         nn.init.normal_(self.lr_proj.weight, std=cfg.init_std)
         nn.init.zeros_(self.lr_proj.bias)
+        decay_proj = self.memory.make_decay_proj(self.embed_dim)  # the delta rule's forgetting (ttt.ttt_layer.decay)
+        self.decay_proj = None if decay_proj is None else decay_proj.to(device)
         if memory_read == "add":
             self.read_norm = nn.LayerNorm(self.embed_dim, device=device)
             self.read_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=False, device=device)
@@ -150,7 +153,7 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
         out = self.read_proj(self.read_norm(read.to(self.read_norm.weight.dtype)))
         return (torch.tanh(self.gate_alpha) * out).to(x.dtype)
 
-    def _lagged_read(self, q, k, v, lr) -> tuple[torch.Tensor, torch.Tensor]:
+    def _lagged_read(self, q, k, v, lr, log_decay=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (k, v) and read at q [B, H, T, D], pre-RoPE (content only: the memory is
         position-free), with the read lag; carries the streaming state. Returns (read fp32, q)."""
         state = self._streaming_state
@@ -161,7 +164,8 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
                 adapter = self.key_adapter.to(dtype)
                 q, k = q + q @ adapter[0], k + k @ adapter[1]
             nq, nk = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-            read, new_state = self.memory(nq, nk, v.to(dtype), lr, state.ttt if state is not None else None)
+            read, new_state = self.memory(nq, nk, v.to(dtype), lr, state.ttt if state is not None else None,
+                                          log_decay)
         if state is not None:
             state.ttt = new_state
         self._record_stats(new_state, lr)
@@ -169,9 +173,10 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
 
     # ---- kv_slots ------------------------------------------------------------------------
     def _memory_inputs(self, x: torch.Tensor):
-        """Pre-RoPE (q, k, v) [B, H, T, D] and the memory's per-token learning rates [B, H, T]."""
+        """Pre-RoPE (q, k, v) [B, H, T, D], the memory's per-token learning rates [B, H, T] and its
+        log-decays [B, H, T] (None without ``ttt.ttt_layer.decay``)."""
         q, k, v = self.project_qkv(x, rope=False)
-        return q, k, v, self.memory.learning_rates(self.lr_proj, x)
+        return q, k, v, self.memory.learning_rates(self.lr_proj, x), self.memory.log_decays(self.decay_proj, x)
 
     def _joint(self, o_local: torch.Tensor, lse: torch.Tensor, read: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Window attention o_L [B, H, T, D] (log-sum-exp ``lse`` [B, H, T]) and each query's own
@@ -199,8 +204,8 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
     def _slots_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Training forward of one whole conversation batch [B, T, C] in kv_slots mode."""
         B = x.shape[0]
-        q0, k0, v, lr = self._memory_inputs(x)
-        read, nq = self._lagged_read(q0, k0, v, lr)
+        q0, k0, v, lr, log_decay = self._memory_inputs(x)
+        read, nq = self._lagged_read(q0, k0, v, lr, log_decay)
         if self.rope is not None:
             q, k = self.rope(q0, k0, torch.zeros(B, device=x.device, dtype=torch.long), time_before_heads=False)
         else:
@@ -212,8 +217,8 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
     def _slots_step(self, x: torch.Tensor) -> torch.Tensor:
         """One streamed frame [B, 1, C]: write/read the memory, attend the ring cache, merge the slot."""
         state = self._streaming_state
-        q0, k0, v, lr = self._memory_inputs(x)
-        read, nq = self._lagged_read(q0, k0, v, lr)
+        q0, k0, v, lr, log_decay = self._memory_inputs(x)
+        read, nq = self._lagged_read(q0, k0, v, lr, log_decay)
         offset = state.offset
         q, k = self.rope(q0, k0, offset, time_before_heads=False) if self.rope is not None else (q0, k0)
         keys, values, pos_k = self._complete_kv(k, v)
@@ -297,7 +302,7 @@ class CacheReplacement(Variant):
 
     def attention_window(self) -> int:
         """The memory's lag window: ``(ceil(W / b) + 1) * b``, W = ttt.ttt_layer_attention_window."""
-        b = int(self.settings.ttt_layer.mini_batch_size)
+        b = int(self.settings.ttt_layer.resolved().mini_batch_size)
         return read_lag(int(self.settings.ttt_layer_attention_window), b) * b
 
     def install(self, layer: StreamingTransformerLayer, name: str, ctx: InstallContext
