@@ -29,7 +29,7 @@ class StopAtStep:
 def tiny_variant_model(kw: dict, variant: str, window: int, context: int = 64, seed: int = 0,
                        attention_window: int | None = None, lora: int = 0, ttt_layer: dict | None = None,
                        **ttt_keys):
-    """(frozen tiny base, the same base + optional LoRA + ``variant`` in layers 0 and -1, mini-batch 4).
+    """(frozen tiny base, the same base + optional LoRA + ``variant`` in layers 0 and -1, the product's memory).
     ``variant`` may name a read mode after a colon (``cache_replacement:kv_slots``); ``ttt_layer``
     and ``ttt_keys`` add ``ttt.ttt_layer.*`` and ``ttt.*`` settings."""
     import copy
@@ -45,7 +45,7 @@ def tiny_variant_model(kw: dict, variant: str, window: int, context: int = 64, s
     name, _, read = variant.partition(":")
     install_ttt(model, {"variant": name, "layer_indices": [0, -1], "ttt_layer_attention_window": window,
                         "attention_window": attention_window, "memory_read": read or "add",
-                        "ttt_layer": {"mini_batch_size": 4, "num_heads": 4, **(ttt_layer or {})}, **ttt_keys})
+                        "ttt_layer": dict(ttt_layer or {}), **ttt_keys})
     return base, model
 
 

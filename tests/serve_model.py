@@ -31,7 +31,7 @@ def make_trained_run(compose_cfg, root: Path, *overrides: str, seed: int = 3, wi
     checkpoint that relies on the run's config.yaml."""
     dataset = make_dataset_dir(root / "dataset")
     cfg = compose_cfg("run_name=served", "model.lm_kwargs.text_card=320", "ttt=pre_attention",
-                      "ttt.ttt_layer.mini_batch_size=4", f"data.train_shards={dataset}/shards/train", *overrides)
+                      f"data.train_shards={dataset}/shards/train", *overrides)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     from moshi_ttt.models import build_model
 

@@ -68,6 +68,10 @@ def test_unknown_key_and_group_option_are_named(compose_cfg):
                                                                  "in [0, steps=40]"),
     (["run_name=.."], "run_name='..': must name a directory of its own"),
     (["ttt.read_grad_through_attention=2"], "ttt.read_grad_through_attention=2.0: a share of the gradient, in [0, 1]"),
+    (["ttt.ttt_layer.rule=delta", "ttt.ttt_layer.mini_batch_size=4"],
+     "ttt.ttt_layer.mini_batch_size=4 does not apply to ttt.ttt_layer.rule='delta'"),
+    (["ttt=cache_replacement", "ttt.ttt_layer.rule=delta", "ttt.ttt_layer.kernel=fla"],
+     "ttt.ttt_layer.kernel='fla': auto or torch here: "),
 ])
 def test_nonsense_settings_are_refused_naming_the_key(compose_cfg, overrides, message):
     cfg = compose_cfg("experiment=smoke", *overrides)

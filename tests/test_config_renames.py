@@ -24,9 +24,10 @@ from moshi_ttt.config.stages import ConfigDeprecationWarning
 from moshi_ttt.config.validate import validate_config
 from moshi_ttt.models.build import build_model, load_exported
 
-OLD = ["ttt.layers=[-1]", "ttt.window=24", "ttt.layer.mini_batch_size=8", "ttt.layer.num_heads=2"]
+OLD = ["ttt.layers=[-1]", "ttt.window=24", "ttt.layer.mini_batch_size=8", "ttt.layer.num_heads=2",
+       "ttt.layer.rule=minibatch_gd"]
 NEW = ["ttt.layer_indices=[-1]", "ttt.ttt_layer_attention_window=24", "ttt.ttt_layer.mini_batch_size=8",
-       "ttt.ttt_layer.num_heads=2"]
+       "ttt.ttt_layer.num_heads=2", "ttt.ttt_layer.rule=minibatch_gd"]
 NEW_NAMES = [r"ttt\.layer_indices", r"ttt\.ttt_layer_attention_window", r"ttt\.ttt_layer "]
 
 
@@ -98,7 +99,8 @@ def test_an_older_checkpoint_config_reads_under_the_new_names_and_resumes(compos
     from moshi_ttt.training.resume_config import check_resume_config
 
     current = compose_cfg("experiment=smoke", "ttt.layer_indices=[-1]", "ttt.ttt_layer.num_heads=2",
-                          "ttt.ttt_layer.mini_batch_size=8")
+                          "ttt.ttt_layer.mini_batch_size=8", "ttt.ttt_layer.rule=minibatch_gd",
+                          "ttt.init_from_attention=false")  # what that old run trained (keys it lacks: their defaults)
     validate_config(current)
     now = OmegaConf.to_container(current, resolve=True)
     stored = {**now, "ttt": _old_stored_ttt(), "model": {k: v for k, v in now["model"].items() if k != "train_base"}}
@@ -116,8 +118,12 @@ def test_an_older_checkpoint_config_reads_under_the_new_names_and_resumes(compos
 
 
 def test_an_older_export_still_loads(tiny_lm_kwargs, tmp_path):
+    """An export written before ttt.ttt_layer.rule existed loads as what it trained: Sun et al.'s rule
+    with the mini-batch it recorded (the default rule is now the delta rule)."""
     model_cfg = {"source": "tiny", "lm_kwargs": tiny_lm_kwargs}
-    trained, _ = _renamed(_built, model_cfg, _old_stored_ttt(), 3)
+    as_trained = _old_stored_ttt()
+    as_trained["layer"] = {**as_trained["layer"], "rule": "minibatch_gd"}  # what the rule was then, implicitly
+    trained, _ = _renamed(_built, model_cfg, as_trained, 3)
     state = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
     save_file(state, str(tmp_path / "ttt.safetensors"))
     meta = {"model_type": "moshi", "lora": False,
@@ -126,6 +132,8 @@ def test_an_older_export_still_loads(tiny_lm_kwargs, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(meta))
     loaded, messages = _renamed(load_exported, tmp_path)
     assert "config.json: ttt.layers is deprecated: use ttt.layer_indices" in messages
+    memory = loaded.transformer.layers[-1].ttt.memory
+    assert memory.rule == "minibatch_gd" and memory.mini_batch_size == 8 and memory.config.inner_norm
     _same_model(trained, loaded)
 
 
@@ -174,14 +182,18 @@ def test_plain_dicts_are_checked_by_the_same_dataclasses():
 
 
 def test_the_yaml_files_only_choose_and_override():
-    """Every default of the model and ttt groups lives in the dataclasses; conf/ttt/ files choose the variant."""
+    """Every default of the model and the memory lives in the dataclasses; conf/ttt/ files choose the variant
+    and set only that variant's own keys (how its branch starts and is read), never the memory's."""
     from pathlib import Path
 
     import yaml
 
     conf = Path(__file__).resolve().parents[1] / "conf"
+    variant_keys = {"init_from_attention", "memory_key_adapter", "memory_read"}
     for path in (conf / "ttt").glob("*.yaml"):
-        assert set(yaml.safe_load(path.read_text())) == {"variant"}, path
+        keys = set(yaml.safe_load(path.read_text()))
+        assert "variant" in keys or "defaults" in keys, path
+        assert keys <= {"variant", "defaults", *variant_keys}, path
     assert not (conf / "ttt" / "_layer_defaults.yaml").exists()
     assert set(yaml.safe_load((conf / "model" / "moshiko_7b.yaml").read_text())) == {
         "source", "repo", "dtype", "gradient_checkpointing"}

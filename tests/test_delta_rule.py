@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTMemory
-from moshi_ttt.ttt import fla_kernels
+from moshi_ttt.ttt import TTTConfig, TTTLayer, TTTMemory, fla_kernels
 from moshi_ttt.ttt.delta import chunk_delta_rule, delta_rule_read
 from moshi_ttt.ttt.reference import reference_delta_head, reference_layer, reference_memory
 
@@ -192,7 +191,7 @@ def test_the_rule_fills_in_its_own_settings_and_refuses_the_other_rules():
     for key in ("rule", "kernel"):
         with pytest.raises(ValueError, match=rf"ttt\.ttt_layer\.{key}='nope' must be one of"):
             TTTConfig(**{key: "nope"})
-    assert TTTMemory(delta, 8).token_bias is None  # no mini-batch, no position factors
+    assert TTTMemory(TTTConfig(rule="delta", num_heads=2), 8).token_bias is None  # no mini-batch, no position factors
 
 
 def test_the_kernel_choice_on_a_cpu_machine(caplog):

@@ -42,7 +42,7 @@ def model_cfg(**lm) -> dict:
 
 
 def ttt_cfg(variant: str, **layer) -> dict:
-    return {"variant": variant, "layer_indices": [1], "ttt_layer_attention_window": 16, "ttt_layer": {"mini_batch_size": 8, **layer}}
+    return {"variant": variant, "layer_indices": [1], "ttt_layer_attention_window": 16, "ttt_layer": dict(layer)}
 
 
 def tiny(variant: str = "none", trained: bool = True, gate: float | None = None, ttt_extra: dict | None = None,

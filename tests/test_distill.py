@@ -71,8 +71,8 @@ def test_teacher_view_is_the_wide_frozen_base_and_restores_the_student_exactly(t
 
 @pytest.mark.parametrize("variant", ["pre_attention", "hybrid", "cache_replacement:kv_slots"])
 def test_kl_is_zero_at_step_0_with_the_students_window_and_positive_with_a_wider_one(tiny_lm_kwargs, variant):
-    # every layer at one window W: cache_replacement's attention keeps its lag window, (ceil(8 / 4) + 1) * 4
-    W = 12 if variant.startswith("cache_replacement") else 8
+    # every layer at one window W: cache_replacement's attention keeps its lag window, (ceil(8 / 1) + 1) * 1
+    W = 9 if variant.startswith("cache_replacement") else 8
     _, model = _model(tiny_lm_kwargs, variant, window=8, attention_window=W)
     assert {int(m.context) for m in model.transformer.modules() if hasattr(m, "in_projs")} == {W}
     codes = _codes(tiny_lm_kwargs, B=1, T=40)  # longer than the window
@@ -173,11 +173,11 @@ def test_a_teacher_narrower_than_the_student_is_refused(compose_cfg):
     # the student's non-TTT layers attend over the context (3000): a 64-frame teacher sees less
     with pytest.raises(ConfigError, match=r"loss\.distill\.teacher_window=64: .*the model's context: 3000"):
         validate_config(compose_cfg("experiment=smoke", "loss.distill.weight=1", "loss.distill.teacher_window=64"))
-    # cache_replacement's window is its read lag window, (ceil(16 / 4) + 1) * 4 = 20 frames, in stage 0
-    with pytest.raises(ConfigError, match=r"curriculum\.stages\.0 \(the attention window cache_replacement keeps .*: 20"):
+    # cache_replacement's window is its read lag window, (ceil(16 / 1) + 1) * 1 = 17 frames, in stage 0
+    with pytest.raises(ConfigError, match=r"curriculum\.stages\.0 \(the attention window cache_replacement keeps .*: 17"):
         validate_config(compose_cfg(
             "experiment=smoke", "ttt=cache_replacement", "ttt.ttt_layer_attention_window=16",
-            "ttt.ttt_layer.mini_batch_size=4", "ttt.attention_window=16", "loss.distill.teacher_window=16",
+            "ttt.attention_window=16", "loss.distill.teacher_window=16",
             "curriculum.stages=[{name:a,seconds:2,steps:1,distill_weight:1.0}]"))
     # the same teacher where no stage asks for one, or as wide as the student: accepted
     validate_config(compose_cfg("experiment=smoke", "loss.distill.teacher_window=64"))

@@ -20,7 +20,7 @@ from serve_model import make_trained_run
 
 def test_export_round_trip_and_lmgen(compose_cfg, tmp_path):
     cfg = compose_cfg("experiment=smoke", "run_name=exp", "trainer.max_steps=4", "data.val_shards=null",
-                      "ttt=cache_replacement", "ttt.ttt_layer_attention_window=16", "ttt.ttt_layer.mini_batch_size=4")
+                      "ttt=cache_replacement", "ttt.ttt_layer_attention_window=16")
     summary = train(cfg)
     ckpt = f"{summary['checkpoint_dir']}/last.ckpt"
     out = tmp_path / "export"

@@ -3,9 +3,11 @@
 A tiny Moshi with an 8-frame window first learns the lookup inside its window (two key/value
 pairs, ``PairsRecallSpec``: each value's frame carries its key in the user's audio), then is
 frozen; the pairs are then asked again 24+ frames later and only the TTT parameters train, on
-the values' cross-entropy. Attention cannot see the pairs, so whatever beats chance went
-through the memory; the frozen base is the control. The full measurement (4x and 8x the
-window, 4 and 8 pairs, an oracle, Moshi's loss) is ``make memory-proof``.
+the values' cross-entropy. Each variant is the product's config (``ttt=<variant>``: the memory's
+defaults, no memory setting of this test's own), with only its layers and window sized to the toy.
+Attention cannot see the pairs, so whatever beats chance went through the memory; the frozen
+base is the control. The full measurement (4x to 16x the window, 4 and 8 pairs, an oracle,
+several seeds) is ``make memory-proof``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from moshi_ttt.data.recall import PairsRecallSpec, pairs_recall_sample
 
-WINDOW, MINI_BATCH, STEPS, BASE_STEPS = 8, 4, 300, 400
+WINDOW, STEPS, BASE_STEPS = 8, 300, 400
 SPEC = PairsRecallSpec(gaps=(24,), pairs=(2,), key_in_audio=True)
 INSIDE = [PairsRecallSpec(gaps=(g,), pairs=(2,), key_in_audio=True) for g in (0, 1, 2)]  # reach <= 7 frames
 CHANCE = 1 / len(SPEC.value_ids)
@@ -86,12 +88,21 @@ def _trained_recall(base, ttt: dict | None) -> float:
         return _values_loss_and_recall(model, *_batch(np.random.default_rng(99), 128))[1]
 
 
-def _ttt(variant: str, read: str = "add") -> dict:
+def _ttt(option: str) -> dict:
+    """The product's ``ttt=<option>`` with the toy's sizes: its layers and windows."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from moshi_ttt.config.groups import ttt_settings
+    from moshi_ttt.memory_proof import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        ttt = compose("train", overrides=[f"ttt={option}"]).ttt
+    b = ttt_settings(ttt).ttt_layer.resolved().mini_batch_size  # one frame per write: the delta rule
     # cache_replacement attends over (ceil(W / b) + 1) * b frames: W - b keeps the base's window
-    window = WINDOW - MINI_BATCH if variant == "cache_replacement" else WINDOW
-    return {"variant": variant, "layer_indices": [0, -1], "ttt_layer_attention_window": window,
-            "attention_window": WINDOW, "memory_read": read,
-            "ttt_layer": {"mini_batch_size": MINI_BATCH, "num_heads": 4}}
+    window = WINDOW - b if ttt.variant == "cache_replacement" else WINDOW
+    return {**OmegaConf.to_container(ttt, resolve=True), "layer_indices": [0, -1], "ttt_layer_attention_window": window,
+            "attention_window": WINDOW}
 
 
 def test_the_pairs_are_beyond_the_window():
@@ -105,9 +116,10 @@ def test_frozen_base_cannot_recall_beyond_its_window(frozen_base):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,read", [("pre_attention", "add"), ("hybrid", "add"),
-                                          ("cache_replacement", "add"), ("cache_replacement", "kv_slots")])
-def test_memory_variant_recalls_beyond_its_window(frozen_base, variant, read):
-    recall = _trained_recall(frozen_base, _ttt(variant, read))
-    print(f"{variant} ({read}): recall {recall:.3f} beyond the window (chance {CHANCE:.3f})")
-    assert recall > 5 * CHANCE, f"{variant} ({read}): recall {recall:.3f} beyond the window, chance {CHANCE:.3f}"
+@pytest.mark.parametrize("option", ["pre_attention", "hybrid", "cache_replacement", "cache_replacement_kv_slots"])
+def test_memory_variant_recalls_beyond_its_window(frozen_base, option):
+    ttt = _ttt(option)
+    assert ttt["ttt_layer"]["rule"] == "delta"  # the product's memory, as composed
+    recall = _trained_recall(frozen_base, ttt)
+    print(f"{option}: recall {recall:.3f} beyond the window (chance {CHANCE:.3f})")
+    assert recall > 5 * CHANCE, f"{option}: recall {recall:.3f} beyond the window, chance {CHANCE:.3f}"

@@ -9,16 +9,25 @@ import json
 
 import pytest
 
-from moshi_ttt.memory_proof import VARIANTS, VARIANTS_WALL, delay_gap, gaps_within, lookup_reach, main
+from moshi_ttt.memory_proof import (
+    SELECT_KEYS,
+    SIZE_KEYS,
+    VARIANTS,
+    VARIANTS_WALL,
+    delay_gap,
+    gaps_within,
+    lookup_reach,
+    main,
+)
+
+TINY = ["--window", "16", "--pairs", "2", "3", "--delays", "2", "3", "--train-delay", "2", "--base-steps", "4",
+        "--base-extend-steps", "3", "--extend-batch-size", "2", "--variant-steps", "6", "--pretrain-samples", "16",
+        "--train-samples", "16", "--test-samples", "4", "--batch-size", "2", "--base-batch-size", "4"]
 
 
 @pytest.mark.slow
 def test_memory_proof_runs_every_variant(tmp_path, capsys, monkeypatch):
-    assert main(["--out", str(tmp_path), "--window", "16", "--pairs", "2", "3", "--delays", "2", "3",
-                 "--train-delay", "2", "--base-steps", "4", "--base-extend-steps", "3", "--extend-batch-size", "2",
-                 "--variant-steps", "6", "--pretrain-samples", "16",
-                 "--train-samples", "16", "--test-samples", "4", "--batch-size", "2", "--base-batch-size", "4",
-                 "--jobs", "2"]) == 0  # the variants in two processes side by side
+    assert main(["--out", str(tmp_path), *TINY, "--jobs", "2"]) == 0  # the rows in two processes side by side
     result = json.loads((tmp_path / "memory_proof.json").read_text())
     names = ["frozen base", "oracle", *VARIANTS]
     assert [(r["model"], r["pairs"]) for r in result["rows"]] == [(n, p) for n in names for p in (2, 3)]
@@ -32,7 +41,13 @@ def test_memory_proof_runs_every_variant(tmp_path, capsys, monkeypatch):
     assert together["jobs"] == 2 and together["variants"] == sorted(VARIANTS)
     assert (tmp_path / "recall_vs_delay.png").stat().st_size > 1000
     assert "| cache_replacement_kv_slots | 3 |" in capsys.readouterr().out
-    assert result["recipes"]["cache_replacement"] == {"steps": 6, "mini_batch": 2}  # --variant-steps forces all
+    assert result["variant_steps"] == 6 and result["seeds"] == [0]
+    assert result["rows_config"]["recipe"] == ["ttt=pre_attention", "ttt.layer_indices=[1]"]  # last 3 of 32 -> last of 2
+    # what each row trained is the product's config: its memory settings are the defaults, not the proof's
+    saved = json.loads((tmp_path / "seed_0" / "ttt" / "pre_attention.json").read_text())["ttt"]
+    assert saved["ttt_layer"]["rule"] == "delta" and saved["init_from_attention"] is True
+    sun = json.loads((tmp_path / "seed_0" / "ttt" / "pre_attention_minibatch_gd.json").read_text())["ttt"]
+    assert sun["ttt_layer"]["rule"] == "minibatch_gd"
     assert (tmp_path / "memory_proof.md").read_text().count("\n| ") == 2 * len(names) + 2  # + header and rule
     # the analysis notebook shows this run: the recall-vs-delay plot and the table
     from test_notebook import execute_notebook, images, markdown
@@ -59,21 +74,45 @@ def test_memory_proof_rejects_layouts_that_miss_the_point(tmp_path):
         main(["--out", str(tmp_path), "--inside-gap", "20", "--window", "32"])  # "inside" beyond it
 
 
-def test_a_variant_trains_with_its_own_mini_batch_unless_one_is_forced():
-    from moshi_ttt.memory_proof import DEFAULT_MINI_BATCH, row_mini_batch
+def test_rows_are_the_products_config_plus_sizes_only(tmp_path, monkeypatch):
+    """Every row is a conf/ttt option plus sizes (or the one key that selects the other rule): a memory
+    setting that only the proof used would make the proof show something the product does not train."""
+    from moshi_ttt import memory_proof
 
-    assert row_mini_batch(VARIANTS["hybrid"]) == 2 and row_mini_batch(VARIANTS["cache_replacement_kv_slots"]) == 1
-    assert row_mini_batch(VARIANTS["post_attention"]) == DEFAULT_MINI_BATCH
-    assert row_mini_batch(VARIANTS["hybrid"], forced=8) == 8
-    assert row_mini_batch(["ttt=x", "ttt.ttt_layer.mini_batch_size=3", "ttt.ttt_layer.mini_batch_size=5"]) == 5
+    for name, overrides in VARIANTS.items():
+        assert overrides[0].startswith("ttt="), name
+        for o in overrides[1:]:
+            assert o.split("=", 1)[0] in SIZE_KEYS + SELECT_KEYS, (name, o)
+    bad = tmp_path / "memory_proof.yaml"
+    bad.write_text("rows:\n  pre_attention: [ttt=pre_attention, ttt.ttt_layer.base_lr=16]\n")
+    monkeypatch.setattr(memory_proof, "PROOF_FILE", bad)
+    with pytest.raises(ValueError, match="sets ttt.ttt_layer.base_lr, which is not a size"):
+        memory_proof.proof_rows()
 
 
-def test_a_variant_trains_its_own_steps_unless_they_are_forced():
-    from moshi_ttt.memory_proof import DEFAULT_VARIANT_STEPS, row_steps
+def test_the_recipe_row_reads_the_placement_relative_to_depth():
+    from moshi_ttt.memory_proof import recipe_row, relative_layers
 
-    assert row_steps(VARIANTS["cache_replacement"]) == 3000  # add gains from steps
-    assert row_steps(VARIANTS["pre_attention"]) == DEFAULT_VARIANT_STEPS
-    assert row_steps(VARIANTS["hybrid"], forced=6) == 6
+    assert relative_layers([-3, -2, -1], 32, 2) == [1] and relative_layers([-3, -2, -1], 32, 8) == [7]
+    assert relative_layers([0, 16, 31], 32, 4) == [0, 2, 3]
+    assert recipe_row("moshiko_ttt_30min", 16)[:2] == ["ttt=pre_attention", "ttt.layer_indices=[14,15]"]
+
+
+def test_seeds_are_combined_as_mean_and_min():
+    from moshi_ttt.memory_proof import combine_seeds, format_table
+
+    def one(seed, recall):
+        return {"seed": seed, "window_frames": 16, "pairs": [2], "delays": {"2x": 32}, "in_window_reach": 8,
+                "oracle_window": 40, "train_delay": 2, "variant_steps": 6, "timings": {}, "seconds_from_scratch": 10.0,
+                "settings": {"variants": ["pre_attention"]}, "rows_config": {},
+                "rows": [{"model": "pre_attention", "pairs": 2, "chance": 0.03, "recall_in": 1.0,
+                          "recall_2x": recall, "late_loss_2x": 1.0}]}
+
+    combined = combine_seeds([one(0, 0.9), one(1, 0.5), one(2, 0.7)])
+    row = combined["rows"][0]
+    assert row["recall_2x"] == pytest.approx(0.7) and row["recall_2x_min"] == 0.5
+    assert row["per_seed"]["recall_2x"] == [0.9, 0.5, 0.7] and combined["seconds_from_scratch"] == 30.0
+    assert "| pre_attention | 2 | 1.000 (1.000) | 0.700 (0.500) |" in format_table(combined)
 
 
 def test_variants_trained_side_by_side_are_split_into_balanced_groups():

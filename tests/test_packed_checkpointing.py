@@ -25,7 +25,7 @@ def _model(kw, variant: str):
     base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs={**kw, "context": 64}, seed=0))
     variant, _, read = variant.partition(":")
     install_ttt(base, {"variant": variant, "layer_indices": [0, -1], "ttt_layer_attention_window": 8, "memory_read": read or "add",
-                       "ttt_layer": {"mini_batch_size": 4, "num_heads": 4}})
+                       "ttt_layer": {}})
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # open every gate and projection so the memory changes the outputs
         for name, p in base.named_parameters():

@@ -83,7 +83,8 @@ def test_tiny_parameter_counts_equal_the_built_model(variant, inner):
 
     variant, _, read = variant.partition(":")
     extra = [f"ttt.memory_read={read}"] if read else []
-    cfg = _compose("model=tiny", f"ttt={variant}", f"ttt.ttt_layer.inner={inner}", "model.lora.rank=4", *extra)
+    rule = ["ttt.ttt_layer.rule=minibatch_gd"] if inner == "mlp" else []  # the delta rule's memory is linear
+    cfg = _compose("model=tiny", f"ttt={variant}", f"ttt.ttt_layer.inner={inner}", "model.lora.rank=4", *extra, *rule)
     inputs = P.prepare(cfg)
     model_cfg = P._plain(cfg.model)
     base = count_parameters(load_base_moshi(source_config({**model_cfg, "lora": {"rank": 0}})))
@@ -110,7 +111,8 @@ def test_checkpointing_and_smaller_batches_lower_the_estimate():
     assert more[-1].base_weights == pytest.approx(base[-1].base_weights / 2)
 
 
-def test_activation_formulas_match_what_autograd_saves():
+@pytest.mark.parametrize("rule", ["minibatch_gd", "delta"])
+def test_activation_formulas_match_what_autograd_saves(rule):
     """Per-token bytes saved for backward, counted with saved_tensors_hooks on a small bf16 model
     (the shapes of the calibration differ from the tiny config's)."""
     from moshi_ttt.models.build import build_model
@@ -121,7 +123,7 @@ def test_activation_formulas_match_what_autograd_saves():
     model_cfg = {"source": "tiny", "lm_kwargs": lm, "dtype": "float32", "lora": {"rank": 0}}
     # TTT in layers 0 and 1 (layer 1 then sees an input that needs a gradient, like layers 30, 31 of
     # the 7B); layer 2 is a frozen layer on the gradient path
-    ttt_cfg = {"variant": "pre_attention", "layer_indices": [0, 1], "ttt_layer": {"head_dim": 64}}
+    ttt_cfg = {"variant": "pre_attention", "layer_indices": [0, 1], "ttt_layer": {"head_dim": 64, "rule": rule}}
     model = build_model(model_cfg, ttt_cfg).to(torch.bfloat16).train()
     where = {"name": None}
     for i, layer in enumerate(model.transformer.layers):
@@ -136,7 +138,7 @@ def test_activation_formulas_match_what_autograd_saves():
         refs.append((where["name"] or "other", weakref.ref(t)))
         return t
 
-    B, T = 2, 160
+    B, T = 2, 192  # whole mini-batches (16) and chunks (64): no padding
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(torch.randint(0, 60, (B, 17, T)))
     # what the graph still holds once the forward is done (storages shared by views counted once)
@@ -157,9 +159,10 @@ def test_activation_formulas_match_what_autograd_saves():
         shape.dep_dim, shape.dep_hidden, shape.dep_q, shape.dep_heads, 2)
     assert per_frame["depformer"] == pytest.approx(dep, rel=0.02)
     ttt = P.ttt_shape(ttt_cfg, shape)
-    fast_weights = ttt.heads * ttt.fast_weight * 4 * B / (B * T)  # one scan group at T = 160
+    fast_weights = ttt.heads * ttt.fast_weight * 4 * B / (B * T)  # one scan group at T = 192
+    assert ttt.rule == rule
     assert per_frame["layer1"] - per_frame["layer2"] == pytest.approx(
-        P.ttt_saved(D, ttt.inner_width, 2) + fast_weights, rel=0.05)
+        P.ttt_saved(D, ttt.inner_width, 2, ttt.rule, ttt.heads) + fast_weights, rel=0.05), (D, ttt.inner_width, ttt.heads)
 
 
 def test_distill_counts_the_teachers_forward_in_the_stages_that_use_it(capsys):

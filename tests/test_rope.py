@@ -40,7 +40,7 @@ def test_position_scale_reaches_every_layer_and_streaming_agrees(tiny_lm_kwargs)
     base = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs={**tiny_lm_kwargs, "context": 32}, seed=0))
     model = copy.deepcopy(base)
     install_ttt(model, {"variant": "cache_replacement", "memory_read": "kv_slots", "ttt_layer_attention_window": 8, "layer_indices": [-1],
-                        "rope_position_scale": 4.0, "ttt_layer": {"mini_batch_size": 4, "num_heads": 4}})
+                        "rope_position_scale": 4.0, "ttt_layer": {}})
     ropes = {id(m.rope) for m in model.transformer.modules() if getattr(m, "rope", None) is not None}
     assert len(ropes) == 1 and model.transformer.rope.position_scale == 4.0
     for m in model.modules():

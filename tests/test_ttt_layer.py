@@ -30,7 +30,7 @@ def make_layer(inner="linear", b=4, seed=0, **kw) -> TTTLayer:
     """A float64 layer with every parameter random (non-zero out proj, gate, offsets) so grads are real."""
     torch.manual_seed(seed)
     kw.setdefault("checkpoint_group_size", 2)
-    cfg = TTTConfig(num_heads=2, inner=inner, mini_batch_size=b, mlp_expansion=2, init_std=0.3, **kw)
+    cfg = TTTConfig(rule="minibatch_gd", num_heads=2, inner=inner, mini_batch_size=b, mlp_expansion=2, init_std=0.3, **kw)
     layer = TTTLayer(cfg, DIM, name="blocks.3.ttt").double()
     with torch.no_grad():
         for name, p in layer.named_parameters():
@@ -319,7 +319,7 @@ def test_checkpointed_scan_gives_identical_grads(inner):
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 def test_bf16_autocast_keeps_the_inner_loop_in_fp32(inner):
     torch.manual_seed(0)
-    cfg = TTTConfig(num_heads=2, inner=inner, mini_batch_size=4, output_proj=True)
+    cfg = TTTConfig(rule="minibatch_gd", num_heads=2, inner=inner, mini_batch_size=4, output_proj=True)
     layer = TTTLayer(cfg, 16, name="ttt")
     with torch.no_grad():
         layer.out_proj.weight.normal_(0, 0.1)
@@ -341,7 +341,7 @@ def test_bf16_autocast_keeps_the_inner_loop_in_fp32(inner):
 
 
 def test_health_stats_and_gated_zero_start():
-    cfg = TTTConfig(num_heads=2, mini_batch_size=4)
+    cfg = TTTConfig(rule="minibatch_gd", num_heads=2, mini_batch_size=4)
     layer = TTTLayer(cfg, 16, name="ttt")
     x = torch.randn(2, 9, 16)
     y, _ = layer(x)
@@ -353,7 +353,7 @@ def test_health_stats_and_gated_zero_start():
     assert h["gate_mean_abs"] == pytest.approx(math.tanh(0.1))
     assert h["out_in_norm_ratio"] == 0.0
     assert 0 < h["eta_min"] <= h["eta_mean"] <= h["eta_max"] <= cfg.base_lr / 8
-    cfg = TTTConfig(num_heads=2, mini_batch_size=4, output_proj=False, eta_max=0.01)
+    cfg = TTTConfig(rule="minibatch_gd", num_heads=2, mini_batch_size=4, output_proj=False, eta_max=0.01)
     layer = TTTLayer(cfg, 16)
     y, _ = layer(x)
     h = layer.health()
@@ -363,18 +363,18 @@ def test_health_stats_and_gated_zero_start():
 def test_config_errors_name_the_hydra_key():
     """Every message names the key as a user sets it (ttt.ttt_layer.<field>), never a key that does not exist."""
     with pytest.raises(ValueError, match=r"^ttt\.ttt_layer\.inner='rnn' must be one of"):
-        TTTConfig(inner="rnn")
+        TTTConfig(rule="minibatch_gd", inner="rnn")
     with pytest.raises(ValueError, match=r"^ttt\.ttt_layer\.mini_batch_size=0 is out of range"):
-        TTTConfig(mini_batch_size=0)
+        TTTConfig(rule="minibatch_gd", mini_batch_size=0)
     with pytest.raises(ValueError, match=r"^ttt\.ttt_layer\.num_heads=3 does not divide .* set ttt\.ttt_layer\.head_dim"):
-        TTTLayer(TTTConfig(num_heads=3), 16)
+        TTTLayer(TTTConfig(rule="minibatch_gd", num_heads=3), 16)
     with pytest.raises(ValueError, match=r"^ttt\.ttt_layer\.output_proj=false"):
-        TTTLayer(TTTConfig(num_heads=2, head_dim=4, output_proj=False), 16)
+        TTTLayer(TTTConfig(rule="minibatch_gd", num_heads=2, head_dim=4, output_proj=False), 16)
     # one default for both inner models, and TTTConfig is the schema of ttt.ttt_layer: its defaults are the only ones
     from moshi_ttt.config.schema import TTTVariantConfig
 
-    assert TTTConfig(inner="mlp").mini_batch_size == TTTConfig().mini_batch_size == 16
-    assert TTTVariantConfig().ttt_layer.resolved() == TTTConfig()
+    assert TTTConfig(rule="minibatch_gd", inner="mlp").mini_batch_size == TTTConfig(rule="minibatch_gd").mini_batch_size == 16
+    assert TTTVariantConfig().ttt_layer.resolved() == TTTConfig() and TTTConfig().rule == "delta"
     assert not (Path(__file__).parents[1] / "conf/ttt/_layer_defaults.yaml").exists()
 
 

@@ -77,13 +77,13 @@ def test_attention_window_is_the_window_the_built_layers_keep(tiny_lm_kwargs, va
     from moshi_ttt.models.variants import base_layer, variant_for
 
     settings = ttt_settings({"variant": variant, "layer_indices": [-1], "ttt_layer_attention_window": 10,
-                             "ttt_layer": {"mini_batch_size": 4, "num_heads": 4}})
+                             "ttt_layer": {}})
     model = load_base_moshi(MoshiSourceConfig(source="tiny", lm_kwargs={**tiny_lm_kwargs, "context": 64}))
     install_ttt(model, settings)
     attn = base_layer(model.transformer.layers[-1]).self_attn
     kept = attn.context if getattr(attn, "fixed_window", False) else None
     assert variant_for(settings).attention_window() == kept
-    assert kept == {"hybrid": 10, "cache_replacement": 16}.get(variant)
+    assert kept == {"hybrid": 10, "cache_replacement": 11}.get(variant)  # (ceil(W / 1) + 1) x 1: the delta rule
 
 
 def test_a_variant_registered_elsewhere_installs_validates_and_plans(scaled_residual, tiny_lm_kwargs):

@@ -11,17 +11,14 @@ attention window the tiny base learns the lookup; beyond it only a memory can he
    covers the longest delay on pairs at every distance up to it (``--base-extend-steps``: a
    lookup learned on short distances does not reach 4-8x as far, and the oracle must); save it
    as a checkpoint directory with the ``--window`` window; freeze it.
-2. Train each variant's TTT layers on the frozen base (same window) on conversations whose pairs
-   are queried ``--train-delay`` x the window later (a quarter inside, so the base's own skill is
-   kept): a short in-window stage first, then everything. The loss is the text words' (audio is
-   a constant silence and padding follows from the layout: their gradients are only noise here;
-   ``--full-loss`` for Moshi's whole loss). The memories are associative ones: the delta rule
-   without the inner LayerNorm (``--inner-norm``, see ``bench/memory_capacity.py``), reads of only
-   what was written (``--inner-residual``), an inner learning rate that writes a pair in a few
-   frames (``--inner-lr``), pre/post_attention's and hybrid's TTT branch starting as a copy of
-   its layer's attention (``--init-from-attention``), and cache_replacement's memory keys and
-   queries through learned maps (``--memory-key-adapter``); each flag also takes the product's
-   default.
+2. Train each row's TTT layers on the frozen base (same window) on conversations whose pairs are
+   queried ``--train-delay`` x the window later (a quarter inside, so the base's own skill is
+   kept): a short in-window stage first, then everything. A row is the product's own
+   configuration (``conf/memory_proof.yaml``: a ``conf/ttt`` option, plus sizes only), so the
+   memory proven here is the memory a user trains; the ``recipe`` row is the 7B recipe's ``ttt``
+   block with its layer placement read relative to depth. The loss is the text words' (audio is a
+   constant silence and padding follows from the layout: their gradients are only noise here;
+   ``--full-loss`` for Moshi's whole loss).
 3. Score on held-out sets with ``--pairs`` pairs queried inside the window and at each of
    ``--delays`` x the window (``moshi_ttt.eval.recall``: the share of query values predicted
    exactly, teacher-forced), and the loss of the late queries. Rows: the frozen base, an oracle
@@ -29,10 +26,12 @@ attention window the tiny base learns the lookup; beyond it only a memory can he
    could reach) and every variant. Writes ``memory_proof.json``, ``memory_proof.md`` and
    ``recall_vs_delay.png``.
 
-The design predicts that the frozen base and ``post_attention`` stay near chance beyond the
-window while ``pre_attention``, ``hybrid`` and both ``cache_replacement`` reads recall; the table
-says what actually happened. ``--reuse`` keeps the base and the variants already trained in
-``--out`` (their training times, measured when they were trained, stay in ``timings.json``).
+``--seeds 0 1 2`` repeats all of it per seed (its own shards, base and rows, under
+``--out/seed_<s>``) and reports the mean and the min over seeds: a memory that opens on one seed
+only is not a result. The design predicts that the frozen base and ``post_attention`` stay near
+chance beyond the window while the others recall; the table says what actually happened.
+``--reuse`` keeps the bases and rows already trained in ``--out`` (their training times,
+measured when they were trained, stay in each seed's ``timings.json``).
 """
 
 from __future__ import annotations
@@ -57,49 +56,86 @@ logger = logging.getLogger("moshi_ttt.memory_proof")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def proof_variants() -> dict[str, list[str]]:
-    """Row name -> Hydra overrides ({w}: the base window, {wb}: the window minus the TTT mini-batch, {b}: the
-    mini-batch), from every registered variant's ``proof_runs``: the variants without a memory (baselines)
-    first, then those expected to recall beyond the window. A row's overrides come after the proof's
-    common TTT settings (the variant's own recipe wins) and before ``--override`` (the user's wins)."""
-    from moshi_ttt.models.variants import registered
-
-    runs: dict[str, list[str]] = {}
-    for variant in sorted(registered(), key=lambda v: v.has_memory):
-        runs.update(variant.proof_runs())
-    return runs
-
-
-VARIANTS = proof_variants()
-MINI_BATCH_KEY = "ttt.ttt_layer.mini_batch_size="
-DEFAULT_MINI_BATCH = 4
-STEPS_KEY = "proof.variant_steps="  # in a row's proof_runs: its steps (not a Hydra key: the proof takes it out)
-DEFAULT_VARIANT_STEPS = 2000
+PROOF_FILE = CONF_DIR / "memory_proof.yaml"
+#: The ttt keys a row may set: sizes, and the one key that selects the alternative rule.
+SIZE_KEYS = ("ttt.ttt_layer_attention_window", "ttt.layer_indices", "ttt.default_num_layers")
+SELECT_KEYS = ("ttt.ttt_layer.rule",)
+DEFAULT_LAYERS = 2  # --layers
 VARIANTS_WALL = "variants together"  # timings.json: the wall time of training the variants side by side
 
 
-def row_mini_batch(overrides: list[str], forced: int | None = None) -> int:
-    """The TTT mini-batch a row trains with: ``--mini-batch`` if given, else the row's own
-    (``ttt.ttt_layer.mini_batch_size=`` in its overrides), else 4."""
-    if forced is not None:
-        return forced
-    own = [o.removeprefix(MINI_BATCH_KEY) for o in overrides if o.startswith(MINI_BATCH_KEY)]
-    return int(own[-1]) if own else DEFAULT_MINI_BATCH
+def relative_layers(indices, from_layers: int, to_layers: int) -> list[int]:
+    """Layer indices of a ``from_layers``-deep model at the same relative depth in a ``to_layers``-deep one
+    (the last 3 of 32 -> the last of 2): each layer maps to the one whose share of the depth holds it."""
+    return sorted({(int(i) % from_layers) * to_layers // from_layers for i in indices})
 
 
-def row_steps(overrides: list[str], forced: int | None = None) -> int:
-    """The steps a row trains: ``--variant-steps`` if given, else the row's own
-    (``proof.variant_steps=`` in its proof_runs), else 2000."""
-    if forced is not None:
-        return forced
-    own = [o.removeprefix(STEPS_KEY) for o in overrides if o.startswith(STEPS_KEY)]
-    return int(own[-1]) if own else DEFAULT_VARIANT_STEPS
+def _override_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
 
 
-def training_cost(overrides: list[str], args) -> float:
-    """A row's relative training time: its steps, dearer with smaller TTT mini-batches (fitted to
-    seconds per step on one thread here: 0.148 at mini-batch 1, ~0.13 at 2, ~0.11 at 4)."""
-    return row_steps(overrides, args.variant_steps) * (1 + 0.45 / row_mini_batch(overrides, args.mini_batch))
+def _flatten(mapping: dict, prefix: str) -> list[tuple[str, object]]:
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out += _flatten(value, f"{prefix}.{key}")
+        else:
+            out.append((f"{prefix}.{key}", value))
+    return out
+
+
+def recipe_row(experiment: str, num_layers: int) -> list[str]:
+    """The overrides that give a ``num_layers``-deep toy the ``ttt`` block of ``conf/experiment/<experiment>``:
+    its ``ttt`` option and every key its block sets, ``layer_indices`` read relative to the recipe model's depth."""
+    import yaml
+
+    from moshi_ttt.plan import lm_kwargs_for
+
+    recipe = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
+    defaults = [d for d in recipe.get("defaults", []) if isinstance(d, dict)]
+    option = next((d["override /ttt"] for d in defaults if "override /ttt" in d), None)
+    model = next((d["override /model"] for d in defaults if "override /model" in d), None)
+    if option is None or model is None:
+        raise ValueError(f"conf/experiment/{experiment}.yaml: the recipe row needs its ttt and model options")
+    depth = int(lm_kwargs_for(yaml.safe_load((CONF_DIR / "model" / f"{model}.yaml").read_text()))["num_layers"])
+    row = [f"ttt={option}"]
+    for key, value in _flatten(recipe.get("ttt") or {}, "ttt"):
+        if key == "ttt.layer_indices" and value is not None:
+            value = relative_layers(value, depth, num_layers)
+        row.append(f"{key}={_override_value(value)}")
+    return row
+
+
+def proof_rows(num_layers: int = DEFAULT_LAYERS) -> dict[str, list[str]]:
+    """Row name -> Hydra overrides (``conf/memory_proof.yaml``; ``{w}``, ``{wm}`` filled in when a row trains)."""
+    import yaml
+
+    spec = yaml.safe_load(PROOF_FILE.read_text())
+    rows = {name: [str(o) for o in overrides] for name, overrides in spec["rows"].items()}
+    if spec.get("recipe"):
+        rows["recipe"] = recipe_row(spec["recipe"], num_layers)
+    for name, overrides in rows.items():
+        for o in overrides:
+            key = o.split("=", 1)[0].lstrip("+~")
+            if key.startswith("ttt.") and key not in SIZE_KEYS + SELECT_KEYS:
+                raise ValueError(f"{PROOF_FILE}: row {name!r} sets {key}, which is not a size: the proof trains the "
+                                 "product's memory (change its default in conf/ttt or the schema instead)")
+    return rows
+
+
+VARIANTS = proof_rows()
+
+
+def training_cost(name: str, args) -> float:
+    """A row's relative training time (for balancing the processes that train rows side by side): the
+    recipe trains fewer TTT layers."""
+    return 0.6 if name == "recipe" else 1.0
 
 
 def _compose(overrides: list[str]):
@@ -187,33 +223,37 @@ def _trained(frozen: dict, ttt_cfg: dict, ckpt: Path):
     return model.eval()
 
 
+def write_size(row: list[str]) -> int:
+    """Frames per memory write of a row's config (the delta rule: 1; minibatch_gd: its mini-batch)."""
+    from moshi_ttt.config.groups import ttt_settings
+
+    cfg = _compose([o for o in row if "{" not in o])
+    return int(ttt_settings(cfg.ttt).ttt_layer.resolved().mini_batch_size)
+
+
+def row_overrides(row: list[str], window: int) -> list[str]:
+    """A row's overrides with ``{w}`` (the base window) and ``{wm}`` (it minus the row's write size) filled in."""
+    return [o.format(w=window, wm=window - write_size(row)) for o in row]
+
+
 def train_variant(variant: str, job: dict) -> float:
-    """Train one variant's TTT layers on the frozen base (``job``: what ``run`` prepared); writes its
+    """Train one row's TTT layers on the frozen base (``job``: what ``run`` prepared); writes its
     ``ttt/<variant>.json``; returns the seconds it took."""
     from moshi_ttt.training import train
 
     args, out = job["args"], job["out"]
     t = time.perf_counter()
-    steps = row_steps(VARIANTS[variant], args.variant_steps)
+    steps = args.variant_steps
     warm = max(1, steps // 10)
-    b = row_mini_batch(VARIANTS[variant], args.mini_batch)
-    fill = {"w": args.window, "wb": args.window - b, "b": b}
-    row = [o.format(**fill) for o in VARIANTS[variant] if not o.startswith(STEPS_KEY)]
     cfg = _compose([
-        *_model_overrides(args), *_common(out), "curriculum=demo",
+        *_model_overrides(args), *_common(out), "curriculum=demo", f"seed={job['seed']}",
         f"run_name={variant}", "model.source=dir", f"model.path={job['base_dir']}",
         f"data.train_shards={out / 'pairs_train'}", "ttt.layer_indices=null", f"ttt.default_num_layers={args.layers}",
-        f"ttt.ttt_layer.num_heads={args.ttt_heads}",
-        f"ttt.ttt_layer.base_lr={args.inner_lr}", f"ttt.ttt_layer.init_std={args.ttt_init_std}",
-        f"ttt.ttt_layer.inner_norm={str(args.inner_norm).lower()}",
-        f"ttt.ttt_layer.inner_residual={str(args.inner_residual).lower()}",
-        f"ttt.init_from_attention={str(args.init_from_attention).lower()}",
-        f"ttt.memory_key_adapter={str(args.memory_key_adapter).lower()}",
         f"curriculum.stages=[{_stage('in_window', job['short'], warm, args)},"
         f"{_stage('full', job['frames'], steps - warm, args)}]",
-        f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0", f"++optim.opening_lr_scale={args.opening_lr_scale}",
+        f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0",
         *([] if args.full_loss else ["loss.audio_weight=0.0", "loss.text_padding_weight=0.0"]),
-        *row, f"{MINI_BATCH_KEY}{b}",  # the variant's recipe after the common settings
+        *row_overrides(job["rows"][variant], args.window),  # the row: the product's config and sizes
         *args.override,
     ])
     summary = train(cfg)
@@ -267,13 +307,13 @@ def train_variants(variants: list[str], job: dict, jobs: int):
     ``training_cost``; yields (variant, seconds)."""
     args = job["args"]
     if jobs <= 1 or len(variants) <= 1:
-        for variant in sorted(variants, key=lambda v: -training_cost(VARIANTS[v], args)):
+        for variant in sorted(variants, key=lambda v: -training_cost(v, args)):
             yield variant, train_variant(variant, job)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    groups = balanced_groups({v: training_cost(VARIANTS[v], args) for v in variants}, jobs)
+    groups = balanced_groups({v: training_cost(v, args) for v in variants}, jobs)
     threads = max(1, available_cpus() // len(groups))
     logger.info("training %d variants in %d processes of %d thread(s): %s", len(variants), len(groups), threads,
                 " | ".join(", ".join(g) for g in groups))
@@ -298,11 +338,11 @@ def _common(out: Path) -> list[str]:
             "loss.first_codebook_weight=1.0"]
 
 
-def run(args) -> dict:
+def run_seed(args, seed: int, out: Path) -> dict:
+    """The whole proof with one seed (its shards, base, rows and scores) under ``out``."""
     from moshi_ttt.models import build_model, save_base_checkpoint
     from moshi_ttt.training import train
 
-    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     W, inside, n_max = args.window, args.inside_gap, max(args.pairs)
@@ -315,17 +355,18 @@ def run(args) -> dict:
     longest = max(lookup_reach(n, spec.gaps[0]) for (n, _), spec in tests.items()) + 1  # the oracle's window
     base_window = args.base_window or longest
     extend = _spec(pretrain_gaps(W, base_window, n_max), range(2, n_max + 1))
-    write_pairs_recall_shards(out / "pairs_pretrain", args.pretrain_samples, pretrain, seed=1)
-    write_pairs_recall_shards(out / "pairs_extend", args.pretrain_samples, extend, seed=3)
-    write_pairs_recall_shards(out / "pairs_train", args.train_samples, variant_set, seed=2)
+    shard_seed = 1000 * seed
+    write_pairs_recall_shards(out / "pairs_pretrain", args.pretrain_samples, pretrain, seed=shard_seed + 1)
+    write_pairs_recall_shards(out / "pairs_extend", args.pretrain_samples, extend, seed=shard_seed + 3)
+    write_pairs_recall_shards(out / "pairs_train", args.train_samples, variant_set, seed=shard_seed + 2)
     for i, ((n, name), spec) in enumerate(tests.items()):
-        write_pairs_recall_shards(out / f"pairs_test_{n}_{name}", args.test_samples, spec, seed=10 + i)
-    common = _common(out)
+        write_pairs_recall_shards(out / f"pairs_test_{n}_{name}", args.test_samples, spec, seed=shard_seed + 10 + i)
+    common = [*_common(out), f"seed={seed}"]
 
     # 1. the base: everything trains; the lookup is learned inside the short window, then extended to
     # every distance up to --base-window (the oracle needs it); then it is frozen with --window.
     def pretrain_phase(name, spec, shards, window, steps, batch_size, start_dir=None):
-        source = ["model.source=dir", f"model.path={start_dir}"] if start_dir else []
+        source = ["model.source=dir", f"model.path={start_dir}"] if start_dir else [f"model.seed={seed}"]
         cfg = _compose([*_model_overrides(args, window), *common, *source, "ttt=none", "curriculum=none",
                         f"run_name={name}", "model.train_base=true", f"data.train_shards=[{shards}]",
                         f"data.seq_len={spec.frames()}", f"data.batch_size={batch_size}",
@@ -352,14 +393,14 @@ def run(args) -> dict:
                                              args.base_extend_steps, args.extend_batch_size, start_dir=base_dir)
     frozen = {**model_cfg, "source": "dir", "path": str(base_dir), "train_base": False}
 
-    # 2. each variant's TTT on the frozen base: in-window conversations first, then everything;
+    # 2. each row's TTT on the frozen base: in-window conversations first, then everything;
     # --jobs at once, each in its own process.
     models = {"frozen base": build_model(frozen, {"variant": "none"}),
               "oracle": build_model(frozen, {"variant": "none", "attention_window": longest})}
     todo = [v for v in args.variants if not (args.reuse and (out / "runs" / v / "checkpoints" / "last.ckpt").exists()
                                                and (out / "ttt" / f"{v}.json").exists())]
     job = {"args": args, "out": out, "base_dir": base_dir, "short": _spec([inside], args.pairs).frames(),
-           "frames": variant_set.frames()}
+           "frames": variant_set.frames(), "seed": seed, "rows": proof_rows(args.layers)}
     t = time.perf_counter()
     for variant, seconds in train_variants(todo, job, args.jobs):
         _save_timing(out, variant, seconds)
@@ -386,18 +427,54 @@ def run(args) -> dict:
                     row[f"late_loss_{label}"] = late_loss(model, shards, start_frame=1 + 2 * n + spec.gaps[0],
                                                           max_samples=args.test_samples)
             rows.append(row)
-            logger.info("scored %s: %s", name, row)
+            logger.info("seed %d: scored %s: %s", seed, name, row)
         _save_timing(out, f"score {name}", time.perf_counter() - t)
     timings = _timings(out)
     delays = {f"{m:g}x": round(m * W) for m in args.delays}
-    result = {"window_frames": W, "pairs": list(args.pairs), "delays": delays, "inside_gap": inside,
+    result = {"seed": seed, "window_frames": W, "pairs": list(args.pairs), "delays": delays, "inside_gap": inside,
               "in_window_reach": max(lookup_reach(n, inside) for n in args.pairs), "oracle_window": longest,
-              "train_delay": args.train_delay,
-              "recipes": {v: {"steps": row_steps(VARIANTS[v], args.variant_steps),
-                              "mini_batch": row_mini_batch(VARIANTS[v], args.mini_batch)} for v in args.variants},
+              "train_delay": args.train_delay, "variant_steps": args.variant_steps,
+              "rows_config": {v: job["rows"][v] for v in args.variants},
               "seconds_this_run": time.perf_counter() - t0,
               "seconds_from_scratch": seconds_from_scratch(timings, args.variants), "timings": timings,
-              "settings": vars(args), "rows": rows}
+              "settings": {k: v for k, v in vars(args).items()}, "rows": rows}
+    (out / "memory_proof.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def combine_seeds(results: list[dict]) -> dict:
+    """One result over seeds: each row's recall and late loss is the mean over seeds, with the min
+    (``recall_<delay>_min``) and every seed's value (``per_seed``) beside it."""
+    first = results[0]
+    combined = {k: v for k, v in first.items() if k not in ("rows", "seed", "timings", "seconds_this_run",
+                                                           "seconds_from_scratch")}
+    combined["seeds"] = [r["seed"] for r in results]
+    combined["seconds_from_scratch"] = sum(r["seconds_from_scratch"] for r in results)
+    combined["seconds_per_seed"] = {str(r["seed"]): r["seconds_from_scratch"] for r in results}
+    combined["timings"] = first["timings"] if len(results) == 1 else {}
+    rows = []
+    for i, row in enumerate(first["rows"]):
+        same = [r["rows"][i] for r in results]
+        if any((s["model"], s["pairs"]) != (row["model"], row["pairs"]) for s in same):
+            raise ValueError("memory proof: the seeds' tables do not list the same rows")
+        merged = {"model": row["model"], "pairs": row["pairs"], "chance": row["chance"]}
+        for key in row:
+            if key.startswith(("recall_", "late_loss_")):
+                values = [s[key] for s in same]
+                merged[key] = sum(values) / len(values)
+                merged[f"{key}_min"] = min(values)
+                merged.setdefault("per_seed", {})[key] = values
+        rows.append(merged)
+    combined["rows"] = rows
+    return combined
+
+
+def run(args) -> dict:
+    out = Path(args.out).resolve()
+    t0 = time.perf_counter()
+    results = [run_seed(args, seed, out / f"seed_{seed}") for seed in args.seeds]
+    result = combine_seeds(results)
+    result["seconds_this_run"] = time.perf_counter() - t0
     (out / "memory_proof.json").write_text(json.dumps(result, indent=2))
     (out / "memory_proof.md").write_text(format_table(result))
     plot_recall_vs_delay(result, out / "recall_vs_delay.png")
@@ -410,26 +487,36 @@ def _labels(result: dict) -> list[str]:
 
 
 def format_table(result: dict) -> str:
+    """The table: recall per row, pair count and delay; over several seeds each cell is ``mean (min)``."""
     W, labels = result["window_frames"], _labels(result)
     late = list(result["delays"])
-    batch = trained_together(result["timings"], result["settings"]["variants"])  # what the time counted
-    together = f" (the variants {batch['jobs']} at a time)" if batch and batch["jobs"] > 1 else ""
+    seeds = result.get("seeds", [0])
+    batch = trained_together(result["timings"], result["settings"]["variants"]) if len(seeds) == 1 else None
+    together = f" (the rows {batch['jobs']} at a time)" if batch and batch["jobs"] > 1 else ""
+    over = (f"seeds {', '.join(map(str, seeds))}: each cell the mean over seeds (the min in brackets), every seed "
+            "with its own base; " if len(seeds) > 1 else f"seed {seeds[0]}; ")
     head = " | ".join(["recall inside the window", *(f"recall at {k} ({v} frames)" for k, v in result["delays"].items()),
                        "chance", *(f"late-query loss {k}" for k in late)])
     lines = [f"memory proof: attention window {W} frames; key/value pairs queried inside the window (at most "
              f"{result['in_window_reach']} frames back) or on average {', '.join(map(str, result['delays'].values()))} "
-             f"frames after they were stated; variants trained at {result['train_delay']:g}x; oracle: the frozen base "
-             f"with a {result['oracle_window']}-frame window; {result['seconds_from_scratch']:.0f} s of training and "
-             f"scoring from scratch on this machine{together}", "",
+             f"frames after they were stated; rows trained {result['variant_steps']} steps at "
+             f"{result['train_delay']:g}x; oracle: the frozen base with a {result['oracle_window']}-frame window; "
+             f"{over}{result['seconds_from_scratch']:.0f} s of training and scoring from scratch on this "
+             f"machine{together}", "",
              f"| model | pairs | {head} |", "| --- | ---: |" + " ---: |" * (len(labels) + 1 + len(late))]
+
+    def cell(r: dict, key: str) -> str:
+        value = r.get(key, float("nan"))
+        return f"{value:.3f} ({r[key + '_min']:.3f})" if len(seeds) > 1 and key + "_min" in r else f"{value:.3f}"
+
     for r in result["rows"]:
-        cells = [f"{r.get('recall_' + k, float('nan')):.3f}" for k in labels] + [f"{r['chance']:.3f}"]
+        cells = [cell(r, f"recall_{k}") for k in labels] + [f"{r['chance']:.3f}"]
         cells += [f"{r.get('late_loss_' + k, float('nan')):.3f}" for k in late]
         lines.append(f"| {r['model']} | {r['pairs']} | " + " | ".join(cells) + " |")
-    recipes = result.get("recipes") or {}
-    if recipes:
-        lines += ["", "Each variant trained " + ", ".join(f"{v} {r['steps']} steps at TTT mini-batch {r['mini_batch']}"
-                                                      for v, r in recipes.items()) + "."]
+    rows = result.get("rows_config") or {}
+    if rows:
+        lines += ["", "Rows (conf/memory_proof.yaml: the product's config and sizes): "
+                  + "; ".join(f"{name}: {' '.join(o for o in overrides)}" for name, overrides in rows.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -461,13 +548,6 @@ def plot_recall_vs_delay(result: dict, path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def _bool(value: str) -> bool:
-    try:
-        return {"true": True, "false": False}[value.lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected true or false") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/memory_proof")
@@ -475,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, nargs="+", default=[4, 8], help="key/value pairs per conversation")
     p.add_argument("--train-pairs", type=int, nargs="+", default=None,
                    help="pair counts the variants train on (default: --pairs)")
-    p.add_argument("--delays", type=float, nargs="+", default=[4, 8], help="query delays, in windows")
+    p.add_argument("--delays", type=float, nargs="+", default=[4, 8, 16], help="query delays, in windows")
     p.add_argument("--train-delay", type=float, default=2,
                    help="the variants train at this delay (in windows; 2: shorter conversations, so more steps fit "
                         "the time, and a memory trained at 2x recalls as well at 4x and 8x)")
@@ -485,26 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                         "up to it (default: the oracle's, which covers the longest delay); then the base is frozen "
                         "with --window")
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--ttt-heads", type=int, default=4)
-    p.add_argument("--mini-batch", type=int, default=None,
-                   help="the TTT mini-batch of every variant (default: each variant's own, in its proof_runs, else 4)")
-    p.add_argument("--inner-lr", type=float, default=16.0,
-                   help="ttt.ttt_layer.base_lr of the memories (16 with head dim 16: eta = sigmoid(.) in [0, 1], "
-                        "a write of up to a quarter of a pair per 4-frame mini-batch; the product's 1 writes 1/16 "
-                        "of that: tuned for the LayerNorm'd inner model, whose step scales with 1/std(g(k)))")
-    p.add_argument("--ttt-init-std", type=float, default=0.02, help="ttt.ttt_layer.init_std of the memories")
-    p.add_argument("--inner-norm", type=_bool, default=False,
-                   help="ttt.ttt_layer.inner_norm of the memories (true|false; false: the delta rule, whose bare "
-                        "memory holds more pairs: bench/memory_capacity.py)")
-    p.add_argument("--inner-residual", type=_bool, default=False,
-                   help="ttt.ttt_layer.inner_residual (false: a read returns only what was written, not the query "
-                        "plus it)")
-    p.add_argument("--init-from-attention", type=_bool, default=True,
-                   help="ttt.init_from_attention: pre/post_attention's and hybrid's TTT branch starts as a copy of "
-                        "its layer's attention")
-    p.add_argument("--memory-key-adapter", type=_bool, default=True,
-                   help="ttt.memory_key_adapter: cache_replacement's memory keys and queries through learned maps")
+    p.add_argument("--layers", type=int, default=DEFAULT_LAYERS)
     p.add_argument("--batch-size", type=int, default=8, help="of the variants' training")
     p.add_argument("--base-batch-size", type=int, default=32)
     p.add_argument("--pretrain-samples", type=int, default=4096)
@@ -515,16 +576,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-extend-steps", type=int, default=700,
                    help="then the base trains on pairs at every distance up to --base-window (0: skip)")
     p.add_argument("--extend-batch-size", type=int, default=16)
-    p.add_argument("--variant-steps", type=int, default=None,
-                   help=f"training steps of every variant (default: each row's own, {STEPS_KEY}N in its "
-                        f"proof_runs, else {DEFAULT_VARIANT_STEPS})")
+    p.add_argument("--variant-steps", type=int, default=2000, help="training steps of every row")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="run everything once per seed (its own shards, base and rows) and report the mean and min")
     p.add_argument("--ttt-lr", type=float, default=3e-3)
     p.add_argument("--full-loss", action="store_true",
                    help="train the variants on Moshi's whole loss; default: the text words only (audio is a "
                         "constant silence and padding follows from the layout, so their gradients are noise here)")
-    p.add_argument("--opening-lr-scale", type=float, default=10.0, help="optim.opening_lr_scale: gates etc.")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="more Hydra overrides for every variant's training (e.g. ttt.init_from_attention=true)")
+                   help="more Hydra overrides for every row's training, after the row's own (an experiment: the "
+                        "proof's table then no longer shows the product's memory)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="none: only the base")
     p.add_argument("--jobs", type=int, default=None,
                    help="variants trained at once, each in its own process with the CPUs shared among them (default: "
@@ -538,8 +599,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"it does not fit the --window {args.window}")
     if min(args.delays) < 1 or args.train_delay < 1:
         p.error("--delays and --train-delay are in windows and must be >= 1: the point is recall beyond the window")
-    if args.mini_batch is not None and args.mini_batch >= args.window:
-        p.error(f"--mini-batch {args.mini_batch} must be smaller than the --window {args.window}")
     if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs {args.jobs} must be >= 1")
     if args.jobs is None:

@@ -107,6 +107,11 @@ def rename_ttt_keys(ttt, where: str = "ttt", command_line: frozenset[str] = froz
         _warn_renamed(where, "layer", "ttt_layer", f" ({section}.layer.KEY is {section}.ttt_layer.KEY: the TTT "
                                                    "layer's settings)")
         raw["ttt_layer"] = merged
+    layer = raw.get("ttt_layer")
+    if where != "ttt" and isinstance(layer, Mapping) and layer and "rule" not in layer:
+        # a stored config (checkpoint, export) written before ttt.ttt_layer.rule existed (2026-12): it trained
+        # Sun et al.'s rule with the settings it recorded, which the newer default rule must not reinterpret
+        raw["ttt_layer"] = {**layer, "rule": "minibatch_gd"}
     return raw
 
 

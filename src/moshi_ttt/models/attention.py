@@ -289,15 +289,32 @@ _BLOCK_MASKS: dict[tuple, object] = {}  # FlexAttention block masks by shape, a 
 _MAX_BLOCK_MASKS = 8
 
 
-def flex_available(device: torch.device) -> bool:
-    """FlexAttention is only worth it compiled, on CUDA."""
-    if device.type != "cuda" or os.environ.get("NO_TORCH_COMPILE"):
-        return False
+def flex_unavailable_reason(device: torch.device) -> str | None:
+    """Why ``attention_backend=flex`` runs chunked SDPA here (None: FlexAttention runs): it is only worth
+    it compiled, on CUDA."""
+    if device.type != "cuda":
+        return f"FlexAttention needs CUDA (device {device})"
+    if os.environ.get("NO_TORCH_COMPILE"):
+        return "NO_TORCH_COMPILE is set and FlexAttention is only worth it compiled"
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return f"torch {torch.__version__} has no FlexAttention"
+    return None
+
+
+def flex_available(device: torch.device) -> bool:
+    return flex_unavailable_reason(device) is None
+
+
+_LOGGED_BACKENDS: set[str] = set()
+
+
+def _log_backend_once(message: str) -> None:
+    """The backend a run actually uses, said once (every layer and step asks again)."""
+    if message not in _LOGGED_BACKENDS:
+        _LOGGED_BACKENDS.add(message)
+        logger.info(message)
 
 
 def _flex_local_attention(
@@ -425,10 +442,12 @@ def local_attention(
         prefix_k, prefix_v, prefix_mask, q, plan.num_blocks, chunk_size is not None
     )
     if backend == "flex":
-        if flex_available(q.device):
+        reason = flex_unavailable_reason(q.device)
+        if reason is None:
+            _log_backend_once(f"local attention: compiled FlexAttention on {q.device} (ttt.attention_backend=flex)")
             out, lse = _flex_local_attention(q, k, v, plan, prefix_k, prefix_v, prefix_mask, return_lse)
             return (out, lse) if return_lse else out
-        logger.debug("FlexAttention unavailable on %s; using chunked SDPA", q.device)
+        _log_backend_once(f"local attention: chunked SDPA instead of ttt.attention_backend=flex: {reason}")
     out, lse = _ChunkedLocalAttention.apply(q, k, v, prefix_k, prefix_v, prefix_mask, plan)
     return (out, lse) if return_lse else out
 

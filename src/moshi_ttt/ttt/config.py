@@ -45,7 +45,7 @@ class TTTConfig:
     this class for that group, so its defaults are the only ones), and errors name them so.
     """
 
-    rule: str = "minibatch_gd"
+    rule: str = "delta"
     """How the memory is written. delta: the delta rule, one write per frame, S <- S + beta k (v - k^T S) with
     k = [key, 1] (DeltaNet, Yang et al. 2024), computed chunkwise (``moshi_ttt.ttt.delta``); a linear inner
     model, no inner LayerNorm, no residual, reads of only what was written. minibatch_gd: Sun et al. (2024)'s
@@ -62,8 +62,10 @@ class TTTConfig:
     flash-linear-attention's Triton kernels (CUDA, bf16 inputs, fp32 state; pip install -e ".[gpu]"); auto: fla
     where it applies (CUDA, fla imports, head_dim + 1 <= 256, read lag 0, no decay where Triton refuses its
     backward), torch elsewhere; the choice and its reason are logged once."""
-    num_heads: int = 4
-    """TTT heads, each with its own fast weights (cache_replacement: one per attention head instead)."""
+    num_heads: int | None = None
+    """TTT heads, each with its own fast weights; null: as many as the layer's attention heads (Moshi 7B: 32 of
+    128, which fits flash-linear-attention's key-dim limit, and what init_from_attention copies;
+    cache_replacement always has one per attention head)."""
     head_dim: int | None = None
     """Width of one head; null: the model width divided by num_heads."""
     inner: str = "linear"
@@ -75,7 +77,9 @@ class TTTConfig:
     minibatch_gd: 16 as in the TTT language models (Sun et al., 2024), for both inner models: the video model's
     64 for mlp would update the memory only every 5 s of conversation)."""
     base_lr: float = 1.0
-    """Inner learning rate scale: eta = base_lr * sigmoid(x . w + b) / head_dim, then clamped to [eta_min, eta_max]."""
+    """Inner learning rate scale: delta: beta = base_lr * sigmoid(x . w + b) (keys are L2-normalised with a bias
+    row, |k|^2 = 2, so base_lr = 1 keeps every write contractive); minibatch_gd: eta = base_lr * sigmoid(x . w + b)
+    / head_dim. Then clamped to [eta_min, eta_max]."""
     eta_min: float = 0.0
     """Lower clamp of the inner learning rate eta."""
     eta_max: float = 1.0
@@ -125,7 +129,7 @@ class TTTConfig:
         if self.rule == "delta":
             self._check_delta()
         checks = {
-            "num_heads": self.num_heads >= 1,
+            "num_heads": self.num_heads is None or self.num_heads >= 1,
             "head_dim": self.head_dim is None or self.head_dim >= 1,
             "mlp_expansion": self.mlp_expansion >= 1,
             "mini_batch_size": self.mini_batch_size >= 1,
@@ -177,8 +181,15 @@ class TTTConfig:
                 raise ValueError(f"{config_key(key)}={getattr(self, key)!r} does not apply to {config_key('rule')}="
                                  f"'delta': set it to {allowed} or leave it null, or use rule=minibatch_gd")
 
+    def for_attention(self, attention_heads: int) -> TTTConfig:
+        """These settings in a layer whose attention has ``attention_heads`` heads (``num_heads`` null: as many)."""
+        return self if self.num_heads is not None else replace(self, num_heads=int(attention_heads))
+
     def resolve_head_dim(self, dim: int) -> int:
         """The head width inside a layer of model width ``dim``."""
+        if self.num_heads is None:
+            raise ValueError(f"{config_key('num_heads')}=null means the attention's heads: build the layer through its "
+                             "variant, or set it")
         if self.head_dim is not None:
             return self.head_dim
         if dim % self.num_heads:

@@ -130,7 +130,7 @@ def chunk_delta_rule(
         streams.append(_chunks(log_decay, size))
     n = streams[1].shape[2]
     per_group = checkpoint_group_size if checkpoint_group_size > 0 else n
-    use_ckpt = checkpoint_group_size > 0 and torch.is_grad_enabled() and per_group < n
+    use_ckpt = checkpoint_group_size > 0 and torch.is_grad_enabled()
     fn = partial(_group, inclusive, log_decay is not None)
     # split once (not a slice per group): its backward concatenates instead of zero-filling per group
     groups = zip(*(t.split(per_group, dim=2) for t in streams))

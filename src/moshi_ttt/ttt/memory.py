@@ -90,9 +90,11 @@ class TTTMemory(nn.Module):
         return (base + self.token_bias.to(dtype)).clamp_min(0.0)
 
     def eta(self, logits: Tensor) -> Tensor:
-        """Per-token, per-head learning rate from gate logits: base_lr * sigmoid / head_dim, clamped."""
+        """Per-token, per-head learning rate from gate logits, clamped: the delta rule's beta = base_lr *
+        sigmoid (its keys have a fixed norm); minibatch_gd's eta = base_lr * sigmoid / head_dim."""
         c = self.config
-        return (c.base_lr * torch.sigmoid(logits) / self.head_dim).clamp(c.eta_min, c.eta_max)
+        scale = c.base_lr if self.rule == "delta" else c.base_lr / self.head_dim
+        return (scale * torch.sigmoid(logits)).clamp(c.eta_min, c.eta_max)
 
     def learning_rates(self, lr_proj: nn.Linear, x: Tensor) -> Tensor:
         """eta [B, H, T] of the stream x [B, T, dim] through the owner's ``lr_proj`` (dim -> H),

@@ -6,7 +6,7 @@ f(x; W) = x + LN(g(x; W)). Tokens arrive in mini-batches of b. For one head:
 
 1. Project the stream: q, k, v = x Wq, x Wk, x Wv (q and k L2-normalised with
    ``qk_l2_norm``); a learning rate per token lr_j = clamp(base_lr * sigmoid(x_j . w + c) / d,
-   eta_min, eta_max) (``TTTMemory.learning_rates``).
+   eta_min, eta_max) (``TTTMemory.learning_rates``; the delta rule's has no 1 / d).
 2. Self-supervised inner loss of token j: l_j(W) = 0.5 * ||LN(g(k_j; W)) - (v_j - k_j)||^2,
    i.e. f(k_j; W) should reconstruct v_j (``inner_residual=false``: f = LN(g), target v_j, and
    the reads below drop the q_i term).
@@ -178,7 +178,8 @@ def reference_layer(layer, x: Tensor) -> Tensor:
             q, k, v = (x[s] @ p.weight[rows].T for p in (layer.q_proj, layer.k_proj, layer.v_proj))
             if c.qk_l2_norm:
                 q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
-            lr = (c.base_lr * torch.sigmoid(x[s] @ layer.lr_proj.weight[h] + layer.lr_proj.bias[h]) / d)
+            scale = c.base_lr if c.rule == "delta" else c.base_lr / d  # the delta rule's beta: no 1/d
+            lr = scale * torch.sigmoid(x[s] @ layer.lr_proj.weight[h] + layer.lr_proj.bias[h])
             lr = lr.clamp(c.eta_min, c.eta_max)
             if c.rule == "delta":
                 log_decay = None

@@ -105,7 +105,9 @@ class LayerShape:
     hidden: int  # the MLP inner model's hidden width (0 for linear)
     fast_weight: int  # fast-weight elements of one head (one sample)
     mini_batch: int
-    group: int  # scan checkpoint group (mini-batches); 0 = none
+    group: int  # scan checkpoint group (mini-batches, or the delta rule's chunks); 0 = none
+    rule: str = "minibatch_gd"  # ttt.ttt_layer.rule
+    chunk: int = 0  # the delta rule's chunk (frames); 0 for minibatch_gd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,9 +177,10 @@ class Variant:
         heads = int(cfg.num_heads)
         fast_weight = sum(p.numel() for p in memory.initial.values()) // heads
         hidden = int(getattr(memory.inner, "hidden", 0))  # the MLP inner model's width; linear has none
+        delta = cfg.rule == "delta"
         return LayerShape(params, matmul, int(module.rerun_frozen_matmul()), window, heads, int(memory.head_dim),
                           str(cfg.inner), hidden, fast_weight, int(memory.mini_batch_size),
-                          int(cfg.checkpoint_group_size))
+                          int(cfg.checkpoint_group_size), str(cfg.rule), int(cfg.chunk_size) if delta else 0)
 
     # ---- diagnostics and the memory proof ---------------------------------------------------
     @classmethod
@@ -299,7 +302,12 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState], VariantModule):
         self.layer = layer
         self.name = name
         self.ttt_name = name
-        self.ttt = TTTLayer(ttt_config, dim, name=name)
+        attention = getattr(layer, "self_attn", None)
+        if ttt_config.num_heads is None and attention is None:
+            raise ValueError(f"{name}: ttt.ttt_layer.num_heads=null takes the attention's heads, and this layer has "
+                             "no self-attention: set it")
+        self.ttt = TTTLayer(ttt_config.for_attention(attention.num_heads) if attention is not None else ttt_config,
+                            dim, name=name)
         # The TTT layer's own post-norm, zero-initialised out-projection and gate are the
         # branch's "proj(norm(.))".
         self.ttt_norm = create_norm_fn(norm, dim) if self.own_norm else None
@@ -356,15 +364,17 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState], VariantModule):
         attn, ttt = self.layer.self_attn, self.ttt
         heads, width = int(attn.num_heads), int(attn.embed_dim) // int(attn.num_heads)
         key = "ttt.init_from_attention"
-        if len(attn.in_projs) != 1 or not isinstance(attn.in_projs[0], nn.Linear) or attn.kv_repeat != 1:
+        in_weight = _effective_weight(attn.in_projs[0]) if len(attn.in_projs) == 1 else None
+        if in_weight is None or attn.kv_repeat != 1:
             raise ValueError(f"{self.name}: {key} needs one plain in-projection with a key per query head "
                              f"(this attention has {len(attn.in_projs)} in-projections, kv_repeat={attn.kv_repeat})")
         if (ttt.num_heads, ttt.head_dim) != (heads, width) or ttt.out_proj is None:
             raise ValueError(f"{self.name}: {key} needs ttt.ttt_layer.num_heads={heads} and head_dim={width} (the "
                              f"attention's heads) and output_proj=true; got num_heads={ttt.num_heads}, "
                              f"head_dim={ttt.head_dim}, output_proj={ttt.config.output_proj}")
-        q, k, v = attn.in_projs[0].weight.chunk(3, dim=0)
-        for proj, weight in ((ttt.q_proj, q), (ttt.k_proj, k), (ttt.v_proj, v), (ttt.out_proj, attn.out_projs[0].weight)):
+        q, k, v = in_weight.chunk(3, dim=0)
+        out_weight = _effective_weight(attn.out_projs[0])
+        for proj, weight in ((ttt.q_proj, q), (ttt.k_proj, k), (ttt.v_proj, v), (ttt.out_proj, out_weight)):
             proj.weight.copy_(weight)
         if self.ttt_norm is not None:
             self.ttt_norm.load_state_dict(self.layer.norm1.state_dict())
@@ -401,6 +411,16 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState], VariantModule):
     @property
     def read_projection(self) -> torch.Tensor | None:
         return None if self.ttt.out_proj is None else self.ttt.out_proj.weight
+
+
+def _effective_weight(proj: nn.Module) -> torch.Tensor | None:
+    """The weight a linear (plain, or moshi's LoRALinear: frozen W + scaling B A) applies; None otherwise."""
+    if isinstance(proj, nn.Linear):
+        return proj.weight
+    frozen, down, up = (getattr(proj, k, None) for k in ("frozen_W", "lora_A", "lora_B"))
+    if all(isinstance(m, nn.Linear) for m in (frozen, down, up)):
+        return frozen.weight + proj.scaling * (up.weight @ down.weight).to(frozen.weight.dtype)
+    return None
 
 
 class WrappingVariant(Variant):

@@ -33,7 +33,7 @@ fed one frame at a time, so it computes what the training forward computes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,7 @@ class CacheReplacementAttention(LocalStreamingAttention, VariantModule):
             raise ValueError(f"{name}: cache_replacement needs one key per query head (kv_repeat=1)")
         head_dim = self.embed_dim // self.num_heads
         # One memory head per attention head: the memory stores exactly the heads' keys/values.
-        cfg = TTTConfig(**{**cfg.__dict__, "num_heads": self.num_heads, "head_dim": head_dim})
+        cfg = replace(cfg, num_heads=self.num_heads, head_dim=head_dim)
         device = next(self.parameters()).device
         self.ttt_name = name
         self.memory_window = window
