@@ -3,9 +3,10 @@
 Why: preparation must keep up with a corpus of thousands of hours (seconds of audio per second
 of wall time, per worker and device), and the reader must feed a training step faster than it
 consumes (frames per second through a DataLoader with 2 workers). Printed tables only, never
-timed assertions.
+timed assertions; a row that fails prints its error and the exit status is 1.
 
     python bench/data.py                                   # tiny Mimi on CPU
+    python bench/data.py --tiny                            # every row on 2 s of audio, in seconds (tests)
     python bench/data.py --device cuda --mimi kyutai/moshiko-pytorch-bf16 \
         --tokenizer kyutai/moshiko-pytorch-bf16
 """
@@ -18,6 +19,8 @@ import os
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -114,8 +117,21 @@ def bench_loader(shards: Path, seq_len: int, batch: int, workers: int, seconds: 
     return {"frames": frames, "wall_s": elapsed}
 
 
+def run_row(stage: str, setting: str, bench: Callable[[], str]) -> tuple[str, str, str]:
+    """(stage, setting, throughput): ``bench()``'s, or ``FAILED: ...`` when it raised (traceback on stderr)."""
+    try:
+        return stage, setting, bench()
+    except Exception as e:  # noqa: BLE001 - one failed row, reported in the table and the exit status
+        traceback.print_exc()
+        return stage, setting, f"FAILED: {type(e).__name__}: {e}".replace("\n", " ")[:100]
+
+
 def main(argv=None) -> int:
+    """Prints the table; returns 1 when a row failed."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true",
+                   help="2 conversations of 2 s, short synthetic shards, seq_len 188, 0.3 s of loading: "
+                        "seconds; for tests")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--mimi", default="tiny", help="tiny, a local .safetensors/dir, or a hub repo id")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: a demo one trained here)")
@@ -128,58 +144,48 @@ def main(argv=None) -> int:
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--loader-seconds", type=float, default=4.0)
     args = p.parse_args(argv)
+    if args.tiny:
+        args.num_convs, args.conv_seconds, args.batch_size = 2, 2.0, 2
+        args.seq_lens, args.loader_seconds = [188], 0.3
+    shard_frames = (200, 400) if args.tiny else (3750, 7500)
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokenizer = args.tokenizer or str(train_tokenizer(corpus(0), tmp / "tok.model", 320))
         manifest = make_corpus(tmp / "corpus", args.num_convs, args.conv_seconds)
-        r = bench_encoder(args.mimi, args.device, args.conv_seconds, args.batch_size)
-        rows.append(
-            (
-                "Mimi encode only",
-                f"{args.mimi}, {args.device}, batch {args.batch_size}",
-                f"{r['audio_s'] / r['wall_s']:.1f} audio s/s",
-            )
-        )
+
+        def encode() -> str:
+            r = bench_encoder(args.mimi, args.device, args.conv_seconds, args.batch_size)
+            return f"{r['audio_s'] / r['wall_s']:.1f} audio s/s"
+
+        rows.append(run_row("Mimi encode only", f"{args.mimi}, {args.device}, batch {args.batch_size}", encode))
         for workers in args.prepare_workers:
-            r = bench_prepare(
-                manifest,
-                tmp / f"shards-{workers}",
-                tokenizer,
-                args.mimi,
-                args.device,
-                workers,
-                args.batch_size,
-            )
-            rows.append(
-                (
-                    "prepare (end to end)",
-                    f"{args.mimi}, {args.device}, {workers} worker(s) incl. start-up, "
-                    f"{r['samples']} x {args.conv_seconds:.0f} s",
-                    f"{r['audio_s'] / r['wall_s']:.1f} audio s/s",
-                )
-            )
+            def prep(workers: int = workers) -> str:
+                r = bench_prepare(manifest, tmp / f"shards-{workers}", tokenizer, args.mimi, args.device, workers,
+                                  args.batch_size)
+                if r["samples"] != args.num_convs:
+                    raise RuntimeError(f"prepared {r['samples']} of {args.num_convs} conversations")
+                return f"{r['audio_s'] / r['wall_s']:.1f} audio s/s"
+
+            rows.append(run_row("prepare (end to end)", f"{args.mimi}, {args.device}, {workers} worker(s) incl. "
+                                f"start-up, {args.num_convs} x {args.conv_seconds:.0f} s", prep))
         long_shards = tmp / "long"
         write_synthetic_shards(
             long_shards,
             num_samples=64,
-            num_frames=(3750, 7500),
+            num_frames=shard_frames,
             card=2048,
             text_card=32000,
             samples_per_shard=8,
         )
         for seq_len in args.seq_lens:
-            r = bench_loader(
-                long_shards, seq_len, args.loader_batch, args.loader_workers, args.loader_seconds
-            )
-            rows.append(
-                (
-                    "TokenSequenceDataset",
-                    f"seq_len {seq_len}, batch {args.loader_batch}, {args.loader_workers} workers",
-                    f"{r['frames'] / r['wall_s']:,.0f} frames/s",
-                )
-            )
+            def load(seq_len: int = seq_len) -> str:
+                r = bench_loader(long_shards, seq_len, args.loader_batch, args.loader_workers, args.loader_seconds)
+                return f"{r['frames'] / r['wall_s']:,.0f} frames/s"
+
+            rows.append(run_row("TokenSequenceDataset",
+                                f"seq_len {seq_len}, batch {args.loader_batch}, {args.loader_workers} workers", load))
     widths = [max(len(r[i]) for r in rows + [("stage", "setting", "throughput")]) for i in range(3)]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(("stage", "setting", "throughput"), widths)) + " |"
     print(line)
@@ -190,7 +196,10 @@ def main(argv=None) -> int:
         f"({os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'no GPU'})"
     )
-    return 0
+    failed = sum(r[2].startswith("FAILED") for r in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} rows failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

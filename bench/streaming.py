@@ -7,11 +7,13 @@ frame, as frames/s and ms/frame.
 
     python bench/streaming.py                         # tiny model on CPU (1 thread), every variant
     python bench/streaming.py --device cuda --size 7b # Moshi-7B-shaped (random weights, bf16) on a GPU
+    python bench/streaming.py --tiny                  # every variant for a few frames, in seconds (tests)
 
 On CPU, times are the process's CPU seconds (robust on a shared machine; single-threaded), on
 CUDA wall seconds after a synchronize. The 7B shape is moshi's own default config
 (``loaders._lm_kwargs``) and Mimi's (``loaders._mimi_config``), randomly initialised: speed does
-not depend on the weights. Prints; asserts nothing.
+not depend on the weights. Prints; asserts nothing about the speed, but a variant that fails prints
+its error in the table and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
@@ -45,6 +49,11 @@ def ttt_config(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     return OmegaConf.to_container(cfg.ttt, resolve=True)
+
+
+# --tiny: a 4-frame window, so that a few frames write and read every memory (at the delta rule's one write
+# per frame; minibatch_gd's 16 frames write once)
+TINY_OVERRIDES = ["ttt.ttt_layer_attention_window=4"]
 
 
 def build(size: str, variant: list[str], device: str, dtype: str, layers: list[int] | None):
@@ -101,8 +110,24 @@ def measure(model, mimi, frames: int, warmup: int, device: str) -> dict:
             "ms": 1000 * total_s / frames}
 
 
-def main(argv=None) -> None:
+def run_row(name: str, args: argparse.Namespace, dtype: str, frames: int, layers: list[int] | None) -> str:
+    """The variant's table row; ``FAILED: ...`` in it when building or streaming raised (traceback on stderr)."""
+    try:
+        overrides = VARIANTS[name] + (TINY_OVERRIDES if args.tiny else [])
+        model, mimi = build(args.size, overrides, args.device, dtype, layers)
+        r = measure(model, mimi, frames, args.warmup, args.device)
+    except Exception as e:  # noqa: BLE001 - one failed row, reported in the table and the exit status
+        traceback.print_exc()
+        return f"| {name} | FAILED: {type(e).__name__}: {e} |".replace("\n", " ")
+    return (f"| {name} | {r['lm_fps']:.1f} | {r['lm_ms']:.1f} | {r['fps']:.1f} | {r['ms']:.1f} | "
+            f"{'yes' if r['fps'] >= 12.5 else 'no'} |")
+
+
+def main(argv=None) -> int:
+    """Prints the table; returns 1 when a variant failed."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny model, 12 frames after 4 warm-up, TTT layers' window 4: seconds; for tests")
     p.add_argument("--size", choices=("tiny", "7b"), default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 tiny, bfloat16 7b)")
@@ -117,6 +142,8 @@ def main(argv=None) -> None:
     if not cuda:
         torch.set_num_threads(1)
     torch.set_flush_denormal(True)
+    if args.tiny:
+        args.size, args.frames, args.warmup = "tiny", 12, 4
     dtype = args.dtype or ("bfloat16" if args.size == "7b" else "float32")
     frames = args.frames or (500 if cuda else 150)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
@@ -130,15 +157,17 @@ def main(argv=None) -> None:
           f"warm-up, {clock} time. Real time = 12.5 frames/s (80 ms/frame).\n")
     print("| variant | LM step frames/s | LM step ms | whole frame frames/s | whole frame ms | real time |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
+    failed = 0
     for name in names:
-        model, mimi = build(args.size, VARIANTS[name], args.device, dtype, layers)
-        r = measure(model, mimi, frames, args.warmup, args.device)
-        print(f"| {name} | {r['lm_fps']:.1f} | {r['lm_ms']:.1f} | {r['fps']:.1f} | {r['ms']:.1f} | "
-              f"{'yes' if r['fps'] >= 12.5 else 'no'} |", flush=True)
-        del model, mimi
-        if cuda:
+        row = run_row(name, args, dtype, frames, layers)
+        if cuda:  # the variant's model is gone: give its memory back before the next one
             torch.cuda.empty_cache()
+        failed += "FAILED" in row
+        print(row, flush=True)
+    if failed:
+        print(f"{failed} of {len(names)} variants failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

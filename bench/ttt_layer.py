@@ -8,12 +8,14 @@ torch.autograd.grad, every W_i built explicitly) is timed at short lengths for t
     python bench/ttt_layer.py --quick                      # a short CPU run
     python bench/ttt_layer.py                              # the full table
     python bench/ttt_layer.py --device cuda --dtype bf16   # on a GPU, with FLOP/s against the card's peak
+    python bench/ttt_layer.py --tiny                       # every row kind at toy lengths in seconds (tests)
 
 On CPU every measurement runs in a fresh process so its peak RSS is its own, and times are the
 process's CPU seconds (robust on a shared machine; run single-threaded); on CUDA times are wall
 seconds and the peak is torch.cuda.max_memory_allocated. Times are the best of 2-5 runs.
 FLOPs are matmul FLOPs counted by torch's FlopCounterMode on a short run (checkpoint recompute
-included) and scaled per token. Prints; asserts nothing.
+included) and scaled per token. Prints; asserts nothing about the numbers, but a row that fails
+prints its error and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ import torch.nn.functional as F  # noqa: E402
 from moshi_ttt.ttt import TTTConfig, TTTLayer  # noqa: E402
 
 LENGTHS = (188, 750, 3750, 22500)
+TINY_LENGTHS = (16, 32)
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 def build(inner: str, heads: int, head_dim: int, device: str, group: int) -> TTTLayer:
-    cfg = TTTConfig(num_heads=heads, head_dim=head_dim, inner=inner, checkpoint_group_size=group)
+    # Sun et al.'s mini-batch rule, whatever the default: the naive reference below is its per-token form
+    # (bench/delta_rule.py times the delta rule)
+    cfg = TTTConfig(rule="minibatch_gd", num_heads=heads, head_dim=head_dim, inner=inner, checkpoint_group_size=group)
     layer = TTTLayer(cfg, heads * head_dim, name="bench").to(device)
     with torch.no_grad():  # a trained-looking output projection (zero init would hide nothing, but be odd)
         layer.out_proj.weight.normal_(0, 0.02)
@@ -165,21 +170,26 @@ def measure(job: dict) -> dict:
     return res
 
 
-def run_jobs(jobs: list[dict], isolate: bool):
-    if not isolate:
-        for job in jobs:
-            yield job, measure(job)
-        return
-    for job in jobs:  # one fresh process per job: its peak RSS is its own
+def run_job(job: dict, isolate: bool) -> dict:
+    """``measure(job)``, in a fresh process when ``isolate`` (its peak RSS is its own); a failure is
+    ``{"error": ...}``, one row of the table, not the end of it."""
+    try:
+        if not isolate:
+            return measure(job)
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            yield job, pool.submit(measure, job).result()
+            return pool.submit(measure, job).result()
+    except Exception as e:  # noqa: BLE001 - reported in the table and the exit status
+        return {"error": f"{type(e).__name__}: {e}".replace("\n", " ")[:100]}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Prints the table; returns 1 when a row failed."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--quick", action="store_true", help="short lengths, tiny width only")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"lengths {TINY_LENGTHS}, tiny width only, one repeat, in this process: seconds; for tests")
     p.add_argument("--inner", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
     p.add_argument("--lengths", nargs="+", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
@@ -201,10 +211,11 @@ def main(argv=None) -> None:
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but torch.cuda.is_available() is False")
-    lengths = args.lengths or ((188, 750) if args.quick else LENGTHS)
-    naive_max = args.naive_max if args.naive_max is not None else (188 if args.quick else 750)
+    lengths = args.lengths or (TINY_LENGTHS if args.tiny else (188, 750) if args.quick else LENGTHS)
+    naive_max = args.naive_max if args.naive_max is not None else (
+        lengths[0] if args.tiny else 188 if args.quick else 750)
     heads = args.moshi_heads or (32 if cuda else 2)
-    widths = [("tiny 4x16", 4, 16)] + ([] if args.quick else [(f"moshi {heads}x128", heads, 128)])
+    widths = [("tiny 4x16", 4, 16)] + ([] if args.quick or args.tiny else [(f"moshi {heads}x128", heads, 128)])
     peak_tflops = args.peak_tflops
     if cuda and peak_tflops is None and args.dtype == "bf16":
         name = torch.cuda.get_device_name()
@@ -217,7 +228,8 @@ def main(argv=None) -> None:
                 jobs.append(
                     dict(
                         inner=inner, width=label, heads=h, head_dim=d, T=T, device=args.device, dtype=args.dtype,
-                        batch=args.batch, group=args.group, threads=args.threads, repeats=4 if T <= 750 else 2 if T <= 3750 else 1,
+                        batch=args.batch, group=args.group, threads=args.threads,
+                        repeats=1 if args.tiny else 4 if T <= 750 else 2 if T <= 3750 else 1,
                         naive=T <= naive_max, count_flops=i == 0,
                     )
                 )  # fmt: skip
@@ -235,7 +247,13 @@ def main(argv=None) -> None:
     print("-" * len(head))
     per_token_750: dict[tuple, float] = {}
     flops: dict[tuple, float] = {}
-    for job, r in run_jobs(jobs, isolate=not cuda):
+    failed = 0
+    for job in jobs:
+        r = run_job(job, isolate=not (cuda or args.tiny))
+        if "error" in r:
+            failed += 1
+            print(f"{job['inner']:<7}{job['width']:<15}{job['T']:>7}  FAILED: {r['error']}", flush=True)
+            continue
         key = (job["inner"], job["width"])
         if "flops_per_token" in r:
             flops[key] = r["flops_per_token"]
@@ -254,7 +272,10 @@ def main(argv=None) -> None:
         if peak_tflops:
             line += f"{100 * rate / (peak_tflops * 1e12):>8.2f}"
         print(line, flush=True)
+    if failed:
+        print(f"{failed} of {len(jobs)} rows failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
