@@ -50,12 +50,20 @@ DATA_SRC := $(addprefix src/moshi_ttt/data/,audio.py alignment.py codec.py prepa
 demo-data: $(DEMO_DATA)/dataset.json
 
 # The embedded default dataset: espeak-ng dialogues -> tiny Mimi + tiny tokenizer -> shards,
-# plus a token-level long-range recall set (~40 s on 2 cores).
+# plus a token-level long-range recall set, spoken recall conversations that the demo's long
+# stages mix in (48 s, facts recalled 100-300 frames later) and a held-out spoken set that the
+# recall callback scores (facts inside, at and beyond the tiny Moshi's 3000-frame window).
 $(DEMO_DATA)/dataset.json: $(DATA_SRC) | install
 	rm -rf $(DEMO_DATA)
 	$(PY) -m moshi_ttt.data.demo_dataset $(DEMO_DATA) --no-progress
 	$(PY) -m moshi_ttt.data.recall tokens $(DEMO_DATA)/recall --num-samples 64 \
 	  --context-frames 250 --beyond-seconds 10 --card 64 --text-card 64
+	$(PY) -m moshi_ttt.data.recall audio $(DEMO_DATA)/recall_train --tokenizer $(DEMO_DATA)/tokenizer.model \
+	  --mimi $(DEMO_DATA)/mimi --num-samples 8 --distances 100,200,300 --minutes 0.8 --workers 2 --no-progress \
+	  || { rm -f $@; exit 1; }
+	$(PY) -m moshi_ttt.data.recall audio $(DEMO_DATA)/recall_heldout --tokenizer $(DEMO_DATA)/tokenizer.model \
+	  --mimi $(DEMO_DATA)/mimi --num-samples 2 --seed 1 --distances 250,1500,3000,3500 --workers 2 --no-progress \
+	  || { rm -f $@; exit 1; }
 
 demo: install demo-data
 	$(PY) train.py experiment=demo
@@ -71,15 +79,41 @@ lint: install
 	$(PY) -m ruff check src tests bench train.py
 
 bench: install
+	$(PY) bench/delta_rule.py
 	$(PY) bench/ttt_layer.py
 	$(PY) bench/long_sequence.py
 	$(PY) bench/data.py
 	$(PY) bench/streaming.py
 	$(PY) bench/memory_capacity.py
 
-# Every GPU path on one CUDA GPU (< 8 min on an H200): one table, plus outputs/gpu_check/gpu_check.{json,md}.
+# Every GPU path on one CUDA GPU within --budget-s (480 s): one table, plus outputs/gpu_check/gpu_check.{json,md}.
+# On a lent machine with no network: bench/gpu_check_device.sh, with .gpu-wheels from `make gpu-wheels` (README).
 gpu-check: install
-	$(PY) bench/gpu_check.py
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# What the lent GPU machine's image lacks (bench/gpu_wheels.txt, pinned, --no-deps) as CPython 3.12 manylinux
+# x86_64 wheels, sdists where PyPI has none, in .gpu-wheels/ (ignored; the device call carries it). At most
+# 56 MiB, so that it travels with the working tree (64 MiB in all). GPU_WHEELS_PY=3.11
+# GPU_WHEELS_DIR=/tmp/w311 makes the same set for another Python (a CPU rehearsal of the install).
+GPU_WHEELS_DIR ?= .gpu-wheels
+GPU_WHEELS_PY ?= 3.12
+GPU_WHEELS_MAX_MIB := 56
+.PHONY: gpu-wheels
+gpu-wheels:
+	@set -euo pipefail; list=bench/gpu_wheels.txt; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	sed '/^[[:space:]]*#/d; /^[[:space:]]*$$/d; s/[[:space:]]*#[[:space:]]*sdist.*$$/ SDIST/; s/[[:space:]]*#.*$$//' $$list > $$tmp/all; \
+	grep -v ' SDIST$$' $$tmp/all > $$tmp/wheels || true; grep ' SDIST$$' $$tmp/all | sed 's/ SDIST$$//' > $$tmp/sdists || true; \
+	rm -rf $(GPU_WHEELS_DIR); mkdir -p $(GPU_WHEELS_DIR); \
+	echo "gpu-wheels: $$(wc -l < $$tmp/wheels) wheels for CPython $(GPU_WHEELS_PY) manylinux x86_64, $$(wc -l < $$tmp/sdists) sdists -> $(GPU_WHEELS_DIR)"; \
+	python3 -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version $(GPU_WHEELS_PY) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d $(GPU_WHEELS_DIR) -r $$tmp/wheels \
+	  2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); \
+	if [ -s $$tmp/sdists ]; then python3 -m pip download -q --no-deps --no-binary=:all: -d $(GPU_WHEELS_DIR) -r $$tmp/sdists \
+	  2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); fi; \
+	ls -1 $(GPU_WHEELS_DIR); \
+	bytes=$$(du -cb $(GPU_WHEELS_DIR)/* | tail -1 | cut -f1); mib=$$(awk "BEGIN{printf \"%.1f\", $$bytes/1048576}"); \
+	echo "gpu-wheels: $$(ls $(GPU_WHEELS_DIR) | wc -l) files, $$mib MiB in $(GPU_WHEELS_DIR) (limit $(GPU_WHEELS_MAX_MIB) MiB)"; \
+	if [ $$bytes -gt $$(( $(GPU_WHEELS_MAX_MIB) * 1048576 )) ]; then echo "gpu-wheels: over $(GPU_WHEELS_MAX_MIB) MiB" >&2; exit 1; fi
 
 print-python:
 	@echo $(PY)

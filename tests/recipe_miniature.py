@@ -3,9 +3,11 @@ run on a CPU is overridden, so every other key of the recipe runs here first.
 
 Overridden: the model (tiny, with 3 layers so the recipe's ``ttt.layer_indices: [-3, -2, -1]`` selects
 them all; gradient checkpointing and every TTT setting kept), the codec of the audio samples
-(a tiny Mimi and tokenizer instead of the model repo's; shorter samples), the data (synthetic shards), the
-trainer (DeepSpeed on 2 CPU processes), the stages' lengths/steps/batches (same packing and
-reset policy), and the logger's mode (W&B offline, as the test environment sets).
+(a tiny Mimi and tokenizer instead of the model repo's; shorter samples), the data (synthetic shards for
+the corpus, token-level recall conversations for the recall sources and the recall callback's held-out
+set: the recipe's mixtures and callback run as written), the trainer (DeepSpeed on 2 CPU processes), the
+stages' lengths/steps/batches (same packing and reset policy), and the logger's mode (W&B offline, as the
+test environment sets).
 """
 
 from __future__ import annotations
@@ -39,10 +41,31 @@ def stage_of_step(step: int, shapes=STAGE_SHAPES) -> int:
     raise ValueError(step)
 
 
+#: Recall sets of the miniature: (directory, conversations, delay in frames). The held-out one has a fact
+#: inside the tiny Moshi's 3000-frame window and one beyond it.
+RECALL_SETS = (("recall_5min", 16, 120), ("recall_30min", 16, 200), ("heldout_near", 1, 100),
+               ("heldout_far", 1, 3100))
+
+
+def write_recall_sets(root) -> None:
+    """Token-level recall conversations standing in for the recipe's spoken ones (written once)."""
+    from pathlib import Path
+
+    from moshi_ttt.data.recall import TokenRecallSpec, write_token_recall_shards
+
+    for name, count, delay in RECALL_SETS:
+        if not (Path(root) / name / "index.json").exists():
+            write_token_recall_shards(Path(root) / name, count, TokenRecallSpec(delay_frames=delay, fact_start_jitter=10,
+                                                                               tail_frames=5), seed=delay,
+                                      samples_per_shard=4)
+
+
 def miniature_overrides(codec_dir, trainer: str | None = "deepspeed_cpu_sim", shapes=STAGE_SHAPES) -> list[str]:
     """``python train.py`` arguments after ``experiment=moshiko_ttt_30min``. ``codec_dir`` holds a
-    tiny Mimi and tokenizer (``serve_model.make_dataset_dir``) for the recipe's audio samples.
-    ``trainer=None`` leaves the trainer to the caller (the sbatch script reads MOSHI_TTT_TRAINER)."""
+    tiny Mimi and tokenizer (``serve_model.make_dataset_dir``) for the recipe's audio samples; the
+    recall sets are written there too. ``trainer=None`` leaves the trainer to the caller (the sbatch
+    script reads MOSHI_TTT_TRAINER)."""
+    write_recall_sets(codec_dir)
     out = [
         "model=tiny",
         "model.gradient_checkpointing=true",
@@ -55,6 +78,9 @@ def miniature_overrides(codec_dir, trainer: str | None = "deepspeed_cpu_sim", sh
         "callbacks.audio_samples.prompt_frames=20",
         "data=synthetic",
         "data.val_shards=${data.train_shards}",
+        f"data.sources.recall_5min.shards={codec_dir}/recall_5min",
+        f"data.sources.recall_30min.shards={codec_dir}/recall_30min",
+        f"callbacks.recall.shards=[{codec_dir}/heldout_near,{codec_dir}/heldout_far]",
         "data.val_batches=1",
         "data.num_workers=0",
         "trainer.val_check_interval=4",

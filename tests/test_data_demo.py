@@ -84,22 +84,27 @@ def test_demo_shards_carry_the_main_speakers_words(demo):
 
 
 @needs_espeak
-def test_spoken_recall_spans_hold_the_code_word(demo, tmp_path):
-    from moshi_ttt.data.recall import build_audio_recall_set
+def test_spoken_recall_spans_hold_the_value(demo, tmp_path):
+    from moshi_ttt.data.recall import LongRecallSpec, build_audio_recall_set
 
     out, _ = demo
     result = build_audio_recall_set(
-        tmp_path, out / "tokenizer.model", out / "mimi", num_samples=1, delay_seconds=6.0, progress=False
+        tmp_path, out / "tokenizer.model", out / "mimi", num_samples=1, spec=LongRecallSpec(distances=(75,)),
+        progress=False,
     )
     assert result.report["samples"] == 1
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     ((codes, meta),) = read(tmp_path / "shards")
-    (f0, f1), (r0, r1) = meta["fact_span"], meta["recall_span"]
-    expected = tokenize_word(sp, meta["code_word"] + ".")
+    ((fact,),) = [meta["recalls"]]
+    (f0, f1), (r0, r1) = fact["fact_span"], fact["recall_span"]
+    word = json.loads((tmp_path / "audio" / "recall-00000.json").read_text())["alignments"]
+    spoken = next(w for w, (start, _), _ in word if abs(start - fact["fact_seconds"][0]) < 1e-9)
+    expected = tokenize_word(sp, fact["value"])  # the value's own tokens, its full stop left out
+    assert spoken.rstrip(".") == fact["value"] and len(tokenize_word(sp, spoken)) > len(expected)
     assert codes[0, f0:f1].tolist() == expected and codes[0, r0:r1].tolist() == expected
-    assert meta["delay_frames"] == r0 - f1 >= 6.0 * 12.5
-    assert meta["fact_audio_span"][0] == f0 and meta["recall_audio_span"][0] == r0
-    assert meta["fact_seconds"][0] * 12.5 < f0 + 1
+    assert fact["delay_frames"] == r0 - f1 and abs(fact["delay_frames"] - 75) <= 40
+    assert fact["fact_audio_span"][0] == f0 and fact["recall_audio_span"][0] == r0
+    assert fact["fact_seconds"][0] * 12.5 < f0 + 1
 
 
 def test_missing_espeak_is_a_clear_error(tmp_path, monkeypatch, capsys):

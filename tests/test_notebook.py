@@ -24,11 +24,18 @@ def demo_outputs(tmp_path_factory, tiny_lm_kwargs):
     from moshi_ttt.training import train
 
     tmp_path = tmp_path_factory.mktemp("notebook")
+    recall = tmp_path / "recall_sets"
+    for name, delay, seed in (("train", 40, 0), ("near", 20, 1), ("far", 60, 2)):
+        write_token_recall_shards(recall / name, 8 if name == "train" else 2,
+                                  TokenRecallSpec(delay_frames=delay, fact_start_jitter=10, tail_frames=5), seed=seed)
     overrides = [
-        f"paths.output_root={tmp_path}", "experiment=smoke", "trainer.max_steps=4", "data.val_shards=null", "run_name=nb", "logger=csv",
+        f"paths.output_root={tmp_path}", "experiment=smoke", "trainer.max_steps=4", "run_name=nb", "logger=csv",
         "callbacks.ttt_health.every_n_steps=1", "curriculum=demo", "ttt.layer_indices=null", "ttt.default_num_layers=1",
-        "ttt.ttt_layer.mini_batch_size=8",
-        "curriculum.stages=[{name:short,seconds:2.56,steps:2,batch_size:2},{name:long,seconds:5.12,steps:2,batch_size:1}]",
+        "curriculum.stages=[{name:short,seconds:2.56,steps:2,batch_size:2,sources:{synthetic:1.0}},"
+        "{name:long,seconds:5.12,steps:2,batch_size:1,sources:{synthetic:1.0,recall:1.0}}]",
+        "+data.sources.synthetic.shards=${data.train_shards}", f"+data.sources.recall.shards={recall / 'train'}",
+        "data.val_batches=1", "callbacks=[default,recall]", f"callbacks.recall.shards=[{recall / 'near'},{recall / 'far'}]",
+        "callbacks.recall.window_frames=40",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -109,11 +116,14 @@ def test_notebook_runs_headless(demo_outputs, tmp_path, monkeypatch):
                           DIAG_DIR=diag_dir, MEMORY_PROOF_DIR=tmp_path / "no-memory-proof")
     assert images(nb, "bucket_keys = sorted(") == 1  # training curves with curriculum stages
     assert images(nb, "ttt_keys = ") == 1  # TTT health
+    assert images(nb, "recall_reports = ") == 1  # recall at each validation, by distance, samples per source
+    assert "recall at step 4: " in stdout(nb, "recall_reports = ")
     assert images(nb, "plot_loss_curves(loss_results)") == 1
     assert images(nb, "plot_timeline(tl") == 3  # one timeline per model + the phase strip
     assert images(nb, "plot_recall(recall)") == 1
     summary = stdout(nb, 'print("shown:"')
     assert "training metrics (CSV" in summary and "recall (frozen base, pre_attention)" in summary
+    assert "recall while training (2 validations, sources: recall, synthetic)" in summary
     assert "diagnostics report (pre_attention: " in summary and "memory proof: no" in summary
     # the diagnostics section: findings of the report python -m moshi_ttt.diagnose wrote, and its plots
     report = json.loads((diag_dir / "report.json").read_text())
@@ -139,7 +149,8 @@ def test_notebook_skips_missing_inputs_and_shows_diagnostics(tmp_path, monkeypat
     nb = execute_notebook(tmp_path, monkeypatch, RUN_DIR=tmp_path / "no-run", EVAL_DIR=tmp_path / "no-eval",
                           DIAG_DIR=diag, MEMORY_PROOF_DIR=tmp_path / "no-memory-proof")
     summary = stdout(nb, 'print("shown:"')
-    for missing in ("training metrics: nothing", "loss by position: no", "generation: no", "recall: no"):
+    for missing in ("training metrics: nothing", "recall while training: no", "loss by position: no", "generation: no",
+                    "recall: no"):
         assert missing in summary
     assert "diagnostics report" in summary.split("skipped:")[0]
     table = markdown(nb, "diagnostics_reports(")  # not a moshi_ttt.diagnose report: every scalar

@@ -26,6 +26,10 @@ def test_recipe_composes_with_the_real_model_settings(compose_cfg):
     assert "DeepSpeed" in cfg.trainer.strategy._target_
     assert "wandb" in cfg.logger
     assert cfg.callbacks.audio_samples.mimi == "kyutai/moshiko-pytorch-bf16"
+    # the long stages mix in spoken recall conversations; recall is scored at every validation
+    assert [dict(s.sources) for s in cfg.curriculum.stages] == [
+        {"conversations": 1.0}, {"conversations": 0.85, "recall_5min": 0.15}, {"conversations": 0.75, "recall_30min": 0.25}]
+    assert cfg.data.sources.conversations.shards == "/data/shards" and "recall" in cfg.callbacks
 
 
 @pytest.mark.slow
@@ -43,6 +47,18 @@ def test_recipe_in_miniature_runs_every_stage_under_deepspeed(tmp_path):
     packed = read_metric(run, "data/packed_fraction")
     for stage in (1, 2):  # the long stages join conversations (and reset TTT memory between them)
         assert any(v > 0 for s, v in packed.items() if stage_of_step(s) == stage), packed
+    # each stage draws its own mixture: the corpus throughout, the 5- and 30-minute recall sets in their stages
+    samples = {name: read_metric(run, f"data/{name}/samples") for name in ("conversations", "recall_5min", "recall_30min")}
+    grew = {name: {stage_of_step(s) for s, v in counts.items() if v > counts.get(s - 1, 0)} for name, counts in samples.items()}
+    assert grew["conversations"] == {0, 1, 2} and grew["recall_5min"] <= {1} and grew["recall_30min"] <= {2}, samples
+    last = {name: counts[total_steps() - 1] for name, counts in samples.items()}
+    assert last["recall_5min"] + last["recall_30min"] > 0, samples
+    assert sum(last.values()) == 2 * sum(steps * batch for _, steps, batch in STAGE_SHAPES)  # both ranks' sequences
+    # DeepSpeed's own gradient norm, at every optimizer step (p.grad is None under ZeRO)
+    assert sorted(read_metric(run, "train/grad_norm")) == list(range(total_steps()))
+    # recall at each validation, a fact inside the window and one beyond it
+    inside, beyond = read_metric(run, "val/recall_in_window"), read_metric(run, "val/recall_beyond_window")
+    assert sorted(inside) == sorted(beyond) == sorted(read_metric(run, "val/loss")) and inside
     ckpts = run / "checkpoints"
     for i, name in enumerate(["15s", "5min", "30min"]):
         assert (ckpts / f"stage{i}-{name}-end.ckpt").exists(), sorted(p.name for p in ckpts.iterdir())

@@ -1,6 +1,11 @@
 """Exact resume from every checkpoint a run writes: the demo curriculum, killed (SIGKILL) and
 preempted (SIGUSR1) at random points spread over all its stages, including right at stage ends,
-and rerun until done, logs the same per-step losses and validations as an uninterrupted run."""
+and rerun until done, logs the same per-step losses and validations as an uninterrupted run.
+
+The data is a mixture of two sources whose weights change with the stage (the synthetic corpus
+alone, then mixed with token-level recall conversations), and the recall callback scores a held-out
+recall set at every validation: a resume must continue every stream of every source, and the
+mixture's draws, where the uninterrupted run was."""
 
 from __future__ import annotations
 
@@ -24,6 +29,28 @@ DEMO = ("experiment=smoke", "curriculum=demo", "curriculum.stages.0.steps=6", "c
         "curriculum.stages.2.steps=4", "curriculum.stages.1.seconds=5.12", "curriculum.stages.2.seconds=10.24",
         "callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.progress.every_n_steps=1",
         "callbacks.preemption.requeue=false")
+# Per-step values that an interrupted run must log exactly as the uninterrupted one.
+EXACT = ("train/loss", "val/loss", "train/lr", "epoch", "data/synthetic/samples", "data/recall/samples",
+         "val/recall_in_window", "val/recall_beyond_window")
+
+
+def mixture_overrides(root: Path) -> tuple[str, ...]:
+    """A second source (token-level recall conversations, ~100 frames each) mixed in with weights that
+    change per stage, and the recall callback on a held-out set with facts inside and beyond a
+    40-frame window (the tiny model's own window covers them all, so the window is given)."""
+    from moshi_ttt.data.recall import TokenRecallSpec, write_token_recall_shards
+
+    def spec(delay):
+        return TokenRecallSpec(delay_frames=delay, fact_start_jitter=10, tail_frames=5)
+
+    if not (root / "heldout_far" / "index.json").exists():  # written once, read by every attempt
+        write_token_recall_shards(root / "recall_train", 48, spec(40), seed=0, samples_per_shard=6)
+        write_token_recall_shards(root / "heldout_near", 2, spec(20), seed=1)
+        write_token_recall_shards(root / "heldout_far", 2, spec(60), seed=2)
+    return ("+data.sources.synthetic.shards=${data.train_shards}", f"+data.sources.recall.shards={root / 'recall_train'}",
+            "++curriculum.stages.0.sources={synthetic: 1.0}", "++curriculum.stages.1.sources={synthetic: 1.0, recall: 1.0}",
+            "++curriculum.stages.2.sources={synthetic: 0.5, recall: 1.0}", "callbacks=[default,recall]",
+            f"callbacks.recall.shards=[{root / 'heldout_near'},{root / 'heldout_far'}]", "callbacks.recall.window_frames=40")
 
 
 def _rows(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -42,7 +69,8 @@ def _attempt(run_name: str, env: dict, kill_at: int | None = None, sig=None, del
              extra: tuple[str, ...] = ()) -> tuple[str, bool]:
     """Run train.py; with ``kill_at``, signal it ``delay`` s after it reports that step (or a later
     one: a preemption may have stopped the previous attempt past it). (log, signalled)"""
-    cmd = [sys.executable, "train.py", *DEMO, f"run_name={run_name}", *extra]
+    cmd = [sys.executable, "train.py", *DEMO, *mixture_overrides(Path(env["MOSHI_TTT_OUTPUT"])), f"run_name={run_name}",
+           *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, signalled = [], False
     for line in proc.stdout:
@@ -95,7 +123,11 @@ def test_random_kills_over_every_stage_resume_exactly(tmp_path, preempt):
     assert sorted(a["train/loss"]) == sorted(b["train/loss"]) == list(range(STAGE_ENDS[-1])), kills
     # One validation per stage end, none missing and none added by a preemption.
     assert set(a["val/loss"]) == set(b["val/loss"]) == {end - 1 for end in STAGE_ENDS}, (kills, b["val/loss"])
-    for key in ("train/loss", "val/loss", "train/lr", "epoch"):
+    assert set(a["val/recall_beyond_window"]) == set(b["val/recall_beyond_window"]) == set(a["val/loss"])
+    # The mixture: the corpus alone in the first stage, both sources after it.
+    recall = a["data/recall/samples"]
+    assert recall[STAGE_ENDS[0] - 1] == 0 < recall[STAGE_ENDS[-1] - 1] < a["data/synthetic/samples"][STAGE_ENDS[-1] - 1]
+    for key in EXACT:
         assert set(a[key]) <= set(b[key]), (key, kills)
         worst = max(abs(a[key][s] - b[key][s]) for s in a[key])
         assert worst <= 1e-6, (key, worst, kills)
@@ -120,7 +152,7 @@ def test_random_kills_over_every_stage_resume_exactly(tmp_path, preempt):
             c = _rows(tmp_path / "runs" / f"from-stage{i}")
             assert sorted(c.get("train/loss", {})) == list(range(end, STAGE_ENDS[-1])), (ckpt.name, c.get("train/loss"))
             assert set(c["val/loss"]) == {e - 1 for e in STAGE_ENDS if e >= end}, (ckpt.name, c["val/loss"])
-            for key in ("train/loss", "val/loss", "train/lr", "epoch"):
+            for key in EXACT:
                 worst = max((abs(a[key][s] - c[key][s]) for s in c.get(key, {})), default=0.0)
                 assert worst <= 1e-6, (ckpt.name, key, worst)
     print(f"kills survived: {kills}; max |dloss| {max(abs(a['train/loss'][s] - b['train/loss'][s]) for s in a['train/loss']):.3g}")

@@ -137,5 +137,6 @@ def test_ddp_sim_two_ranks_see_disjoint_samples(tmp_path):
     assert len(keys[0]) == len(keys[1]) == 12  # 6 steps x batch 2, no repeats within a rank
     assert not keys[0] & keys[1]
     ckpt = torch.load(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
-    positions = ckpt["TokenDataModule"]["positions"]
-    assert sorted(positions) == [0, 1] and set(positions[0]) != set(positions[1])
+    positions = ckpt["TokenDataModule"]["positions"]  # rank -> source -> stream -> position
+    assert sorted(positions) == [0, 1] and set(positions[0]["train"]) != set(positions[1]["train"])
+    assert ckpt["TokenDataModule"]["samples"] == {0: {"train": 12}, 1: {"train": 12}}

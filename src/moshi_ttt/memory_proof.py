@@ -8,9 +8,9 @@ attention window the tiny base learns the lookup; beyond it only a memory can he
 
 1. Pretrain a tiny base Moshi (every weight trains) with a ``--window``-frame attention window on
    conversations whose pairs stay inside it (the lookup emerges there), then with a window that
-   covers the longest delay on pairs at every distance up to it (``--base-extend-steps``: a
-   lookup learned on short distances does not reach 4-8x as far, and the oracle must); save it
-   as a checkpoint directory with the ``--window`` window; freeze it.
+   covers the delays up to ``--oracle-delay`` (8x) on pairs at every distance up to it
+   (``--base-extend-steps``: a lookup learned on short distances does not reach 4-8x as far,
+   and the oracle must); save it as a checkpoint directory with the ``--window`` window; freeze it.
 2. Train each row's TTT layers on the frozen base (same window) on conversations whose pairs are
    queried ``--train-delay`` x the window later (a quarter inside, so the base's own skill is
    kept): a short in-window stage first, then everything. A row is the product's own
@@ -353,7 +353,8 @@ def run_seed(args, seed: int, out: Path) -> dict:
     tests = {(n, "in"): _spec([inside], [n]) for n in args.pairs}
     tests.update({(n, f"{m:g}x"): _spec([delay_gap(m, W, n)], [n]) for n in args.pairs for m in args.delays})
     longest = max(lookup_reach(n, spec.gaps[0]) for (n, _), spec in tests.items()) + 1  # the oracle's window
-    base_window = args.base_window or longest
+    taught = max(lookup_reach(n, delay_gap(m, W, n)) for n in args.pairs for m in args.delays if m <= args.oracle_delay)
+    base_window = args.base_window or taught + 1
     extend = _spec(pretrain_gaps(W, base_window, n_max), range(2, n_max + 1))
     shard_seed = 1000 * seed
     write_pairs_recall_shards(out / "pairs_pretrain", args.pretrain_samples, pretrain, seed=shard_seed + 1)
@@ -562,8 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inside-gap", type=int, default=1, help="silent frames before the queries, inside the window")
     p.add_argument("--base-window", type=int, default=None,
                    help="attention window of the base's second pretraining phase, whose pairs sit at every distance "
-                        "up to it (default: the oracle's, which covers the longest delay); then the base is frozen "
+                        "up to it (default: what the delays up to --oracle-delay reach); then the base is frozen "
                         "with --window")
+    p.add_argument("--oracle-delay", type=float, default=8,
+                   help="the base learns lookups as far as this delay (in windows), so the oracle (the frozen base "
+                        "with a window that covers every delay) shows the task is solvable there; beyond it the "
+                        "oracle is reported as it comes (a 16x lookup would cost the base's pretraining 4x the time)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=DEFAULT_LAYERS)
     p.add_argument("--batch-size", type=int, default=8, help="of the variants' training")
@@ -597,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     if reach >= args.window:
         p.error(f"--inside-gap {args.inside_gap} with {max(args.pairs)} pairs needs a {reach + 1}-frame window: "
                 f"it does not fit the --window {args.window}")
+    if not any(m <= args.oracle_delay for m in args.delays):
+        p.error(f"--oracle-delay {args.oracle_delay} is below every --delays: the base would learn no long lookup")
     if min(args.delays) < 1 or args.train_delay < 1:
         p.error("--delays and --train-delay are in windows and must be >= 1: the point is recall beyond the window")
     if args.jobs is not None and args.jobs < 1:

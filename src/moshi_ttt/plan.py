@@ -35,10 +35,11 @@ width, ``W`` world size, ``Psi`` trainable parameters):
     temporal layer   ``S = 16 D + a (5 D + 3 H) + 4 hd + 8`` (+ LoRA: ``a (3 D + H) + 4 a r``)
     depformer layer  ``16 Dd + a (4 Dd + 3 Hd) + a dep_q + 4 heads_d + 8`` per depformer token
                      (``dep_q`` tokens per frame)
-    TTT layer        ``(12 + 2 a) D + (28 + 2 a) I`` per token (I = heads x head_dim),
-                     plus one fp32 fast-weight copy per scan checkpoint group:
-                     ``ceil(ceil(T / b) / G) x heads x fast_weight_size x 4`` per sample
-                     (every one of the ``ceil(T / b)`` steps' weights when ``G = 0``).
+    TTT layer        ``(12 + 2 a) D + (28 + 2 a) I`` per token (I = heads x head_dim; the delta
+                     rule: ``(12 + 2 a) D + (20 + 2 a) I + 40 heads``), plus one fp32 fast-weight
+                     copy per scan checkpoint group: ``ceil(steps / G) x heads x fast_weight_size x 4``
+                     per sample, steps = ``ceil(T / b)`` mini-batches or, for the delta rule, ``ceil(T / C)``
+                     chunks (its state [d + 1, d] per head is the same size; every step's when ``G = 0``).
 
   (The per-token formulas are checked against ``saved_tensors_hooks`` in tests/test_plan.py.)
 
@@ -54,7 +55,7 @@ width, ``W`` world size, ``Psi`` trainable parameters):
     backward phase  the largest recomputed layer: ``S`` + gradient transients ``a (2 H + 3 D) + 8 D``
                     (fp32 dK/dV of the chunked attention) + one attention block
                     ``3 x B x heads x chunk x (W + chunk - 1) x 4`` + for a TTT layer its saved set
-                    + ``16 I`` per token + ``(min(G, ceil(T / b)) + 2) x heads x fast_weight_size x 4``
+                    + ``16 I`` per token + ``(min(G, steps) + 2) x heads x fast_weight_size x 4``
                     per sample (the recomputed scan group's weights and two gradient copies).
   Without checkpointing every layer >= f keeps ``S`` (and TTT layers their saved set) and the
   backward phase is only the gradient transients.
@@ -86,7 +87,8 @@ A teacher forward (``loss.distill``) adds ``2 N_temporal + 2 N_head + attention 
 attention_window, else ``ttt.attention_window``, else Moshi's context;
 the window a variant fixes for its layers: hybrid's, cache_replacement's lag window), computed block by block like
 ``moshi_ttt.models.attention``. TTT inner loop per token and head: linear ``6 d^2 + 4 b d``;
-mlp (hidden m) ``14 d m + 4 b m + 4 b d``. "model FLOPs" exclude recompute; frames/s per GPU =
+mlp (hidden m) ``14 d m + 4 b m + 4 b d``; the delta rule (chunks of C, K = d + 1)
+``4 C K + C (2 d + 1) + 6 K d + 2 C d`` (``delta_rule_flops``). "model FLOPs" exclude recompute; frames/s per GPU =
 ``mfu x gpu_flops / executed FLOPs`` (executed = model + recompute); tokens/s counts the
 ``1 + dep_q`` predicted tokens per frame, as the training logs do.
 
@@ -313,11 +315,13 @@ class TTTShape:
     inner: str
     hidden: int  # MLP inner hidden width (0 for linear)
     mini_batch: int
-    group: int  # scan checkpoint group (mini-batches); 0 = none
+    group: int  # scan checkpoint group (mini-batches, or the delta rule's chunks); 0 = none
     params_per_layer: int
     mm_per_layer: int  # matmul weights per TTT layer (trainable projections)
     extra_frozen_mm: int  # frozen matmul weights run again per TTT layer (cache_replacement's re-projection)
     windows: dict[int, int]  # attention window of the TTT layers whose variant fixes it (hybrid, cache_replacement)
+    rule: str = "minibatch_gd"  # ttt.ttt_layer.rule
+    chunk: int = 0  # the delta rule's chunk (frames)
 
     @property
     def inner_width(self) -> int:
@@ -334,10 +338,24 @@ class TTTShape:
         return self.params_per_layer * len(self.layers)
 
     def inner_flops(self, mini_batch: int) -> int:
-        """Forward FLOPs of the inner loop per token, all heads (dual form)."""
+        """Forward FLOPs of the memory per token, all heads (``mini_batch``: minibatch_gd's)."""
+        if self.rule == "delta":
+            return self.heads * delta_rule_flops(self.head_dim, self.chunk)
         d, m, b = self.head_dim, self.hidden, mini_batch
         per_head = 6 * d * d + 4 * b * d if self.inner == "linear" else 14 * d * m + 4 * b * m + 4 * b * d
         return self.heads * per_head
+
+    def sequential_steps(self, frames: int, mini_batch: int) -> int:
+        """Steps the memory takes one after the other over ``frames``: chunks (delta) or mini-batches."""
+        return math.ceil(frames / (self.chunk if self.rule == "delta" else mini_batch))
+
+
+def delta_rule_flops(head_dim: int, chunk: int) -> int:
+    """Forward FLOPs per frame of one head of the chunkwise delta rule (keys K = d + 1 with the bias
+    row, values V = d, chunks of C): the chunk's K K^T and Q K^T 4 C K, the triangular solve for
+    [W | U0] C (K + V), and per chunk U = U0 - W S, Q S, K^T U (2 K V each) and (Q K^T) U 2 C V."""
+    K, V, C = head_dim + 1, head_dim, chunk
+    return 4 * C * K + C * (K + V) + 6 * K * V + 2 * C * V
 
 
 def ttt_shape(ttt_cfg, shape: ModelShape) -> TTTShape | None:
@@ -374,7 +392,8 @@ def _ttt_shape(lm_kwargs_json: str, ttt_json: str, variant) -> TTTShape:
                          "counts one TTT layer shape")
     windows = {i: s.window for i, s in zip(layers, shapes) if s.window is not None}
     return TTTShape(settings["variant"], layers, first.heads, first.head_dim, first.inner, first.hidden,
-                    first.mini_batch, first.group, first.params, first.matmul, first.frozen_matmul, windows)
+                    first.mini_batch, first.group, first.params, first.matmul, first.frozen_matmul, windows,
+                    first.rule, first.chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,11 +632,15 @@ def depformer_layer_saved(D: int, H: int, dep_q: int, heads: int, a: int, lora_r
     return saved
 
 
-def ttt_saved(D: int, inner_width: int, a: int) -> int:
+def ttt_saved(D: int, inner_width: int, a: int, rule: str = "minibatch_gd", heads: int = 0) -> int:
     """Bytes a TTT layer's token streams save per token (I = inner width): its fp32 input norm
     8 D, the fp32 learning-rate projection input 4 D, the projections' and gate's inputs
     a (2 D + 2 I), and 28 I of fp32 streams (q and k cast and L2-normalised, the q/k/v blocks of
-    the scan)."""
+    the scan). The delta rule (H heads) keeps 20 I of fp32 streams instead (q and k normalised, then
+    with their bias row, and v: its checkpoint groups keep their inputs only) and 40 H of per-head
+    write strengths and their learning-rate path (calibrated, as the rest, in tests/test_plan.py)."""
+    if rule == "delta":
+        return (12 + 2 * a) * D + (20 + 2 * a) * inner_width + 40 * heads
     return (12 + 2 * a) * D + (28 + 2 * a) * inner_width
 
 
@@ -744,12 +767,12 @@ def plan_stages(shape: ModelShape, ttt: TTTShape | None, ttt_cfg: dict, model_cf
         inner = 0
         if ttt:
             b = s.ttt_mini_batch_size or ttt.mini_batch
-            n_mb, G = math.ceil(T / b), ttt.group
+            n_mb, G = ttt.sequential_steps(T, b), ttt.group
             state = ttt.heads * ttt.fast_weight * 4  # fp32 fast weights of one sample
             # kept: the scan's group inputs (one fast-weight copy per group), or every step's weights
             # without scan checkpointing; backward: the recomputed group's weights + 2 gradient copies
             kept_weights = math.ceil(n_mb / G) if G else n_mb
-            ttt_set = ttt_saved(D, ttt.inner_width, a) * tokens + kept_weights * state * B
+            ttt_set = ttt_saved(D, ttt.inner_width, a, ttt.rule, ttt.heads) * tokens + kept_weights * state * B
             ttt_bwd = 16 * ttt.inner_width * tokens + ((min(G, n_mb) if G else 0) + 2) * state * B
             inner = ttt.inner_flops(b)
 
@@ -999,7 +1022,9 @@ def render(plans: list[StagePlan], header: str, rich: bool | None = None) -> str
 def describe(inputs: PlanInputs, plans: list[StagePlan], hw: Hardware) -> str:
     sh, t, c = inputs.shape, inputs.ttt, plans[0].counts
     ttt = "none" if t is None else (f"{t.variant} in layers {list(t.layers)}, {t.heads} heads x {t.head_dim}, "
-                                    f"{t.inner}, mini-batch {t.mini_batch}, scan group {t.group}")
+                                    + (f"delta rule, chunks of {t.chunk}, checkpoint group {t.group} chunks"
+                                       if t.rule == "delta" else
+                                       f"{t.inner}, mini-batch {t.mini_batch}, scan group {t.group}"))
     on = {True: "on", False: "off"}
     return (f"model: dim {sh.dim}, {sh.num_layers} layers, depformer {sh.dep_dim} x {sh.dep_layers}; parameters: "
             f"frozen {c['frozen']:,}, trainable {c['trainable']:,} (LoRA {c['lora']:,}, TTT {c['ttt']:,})\n"
@@ -1021,6 +1046,54 @@ def _describe_distill(inputs: PlanInputs, plans: list[StagePlan]) -> str:
     return (f"distill: teacher = the frozen base over {window} frames (TTT and LoRA off), target "
             f"{d.get('target', 'logits')}, one extra no-grad forward per step in stage(s) "
             f"{', '.join(str(p.index) for p in teaching)} ({extra}); it keeps only its outputs\n")
+
+
+def recall_validation_cost(inputs: PlanInputs, hw: Hardware, frames: int, samples: int) -> tuple[float, float]:
+    """(seconds, GiB) one GPU spends at each validation on the recall callback (``callbacks.recall``):
+    every rank scores all ``samples`` held-out conversations of ``frames`` frames teacher-forced without
+    grad, one at a time. Time: the forward FLOPs per frame, ``2 N_temporal + 2 N_head + 4 W_eff D`` per
+    layer ``+`` depformer attention ``+`` the TTT layers' projections and memory, at ``mfu``. Memory beside
+    the weights (training's activations are freed by then): the logits of one conversation in the compute
+    dtype, ``a (E_text + E_audio)`` per frame, plus one temporal layer's intermediates ``S`` per frame."""
+    sh, t, cfg = inputs.shape, inputs.ttt, inputs.ttt_cfg
+    window = cfg.get("attention_window") or sh.context
+    attention = 0.0
+    for i in range(sh.num_layers):
+        w = t.windows.get(i, window) if t else window
+        attention += 4 * _effective_window(frames, None if w is None else min(int(w), frames),
+                                           cfg.get("attention_chunk_size"))[0] * sh.dim
+    memory = (2 * (t.mm_per_layer + t.extra_frozen_mm) + t.inner_flops(t.mini_batch)) * len(t.layers) if t else 0
+    flops = 2 * sum(sh.layer_mm) + sh.head_mm_flops + attention + sh.dep_attention_flops + memory
+    a = 2 if DTYPE_BYTES.get(str(inputs.model_cfg.get("dtype", "float32")), 4) == 2 or (
+        inputs.strategy.deepspeed and inputs.strategy.half) else 4
+    peak = frames * (a * (sh.text_out + sh.dep_q * sh.card) + temporal_layer_saved(sh.dim, sh.hidden, sh.head_dim, a))
+    return samples * frames * flops / (hw.mfu * hw.gpu_flops), peak / GIB
+
+
+def _describe_recall(cfg, inputs: PlanInputs, plans: list[StagePlan], hw: Hardware) -> str:
+    """One line on the recall callback's cost, when the config selects it (its set's index.json gives the
+    conversations' mean length; without a readable one, the longest stage's)."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.select(cfg, "callbacks.recall", default=None)
+    if spec is None:
+        return ""
+    samples, frames = OmegaConf.select(cfg, "callbacks.recall.max_samples", default=8, throw_on_missing=False), None
+    try:
+        index = json.loads((Path(str(OmegaConf.select(cfg, "callbacks.recall.shards"))) / "index.json").read_text())
+        frames = round(index["total_frames"] / index["total_samples"])
+        samples = min(samples or index["total_samples"], index["total_samples"])
+    except Exception:  # noqa: BLE001 - a set not made yet: assume conversations as long as the longest stage
+        pass
+    frames = frames or max(p.frames for p in plans)
+    samples = samples or 8
+    seconds, gib = recall_validation_cost(inputs, hw, frames, samples)
+    validations = len(plans) if len(inputs.stages) > 1 or inputs.stages[0].name != "default" else max(
+        1, inputs.stages[0].steps // int(OmegaConf.select(cfg, "trainer.val_check_interval", default=0) or 10**9))
+    run = sum(p.stage_time_s for p in plans)
+    return (f"recall callback: {samples} conversation(s) x {frames:,} frames scored at each of {validations} "
+            f"validation(s): {seconds:.1f} s and {gib:.1f} GiB (logits + one layer) per GPU each, "
+            f"{_duration(seconds * validations)} in all ({seconds * validations / max(run, 1e-9):.1%} of the stages' time)\n")
 
 
 def _default_gpus(cfg, nodes: int | None) -> tuple[int, int]:
@@ -1070,6 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     print(render(plans, describe(inputs, plans, hw), rich=False if args.plain else None), end="")
+    print(_describe_recall(cfg, inputs, plans, hw), end="")
     sys.stdout.flush()
     failing = [p for p in plans if not p.fits]
     if not failing:

@@ -126,8 +126,14 @@ class DataConfig:
     """The DataModule class Hydra instantiates."""
     _convert_: str = "all"
     """Hydra passes plain Python containers to the DataModule."""
-    train_shards: Any = MISSING
-    """Training shards: a directory (its index.json, else *.tar), a glob, a brace pattern or a list."""
+    train_shards: Any = None
+    """Training shards: a directory (its index.json, else *.tar), a glob, a brace pattern or a list; the one
+    source named train when data.sources is empty (with sources, name it in one: shards: ${data.train_shards})."""
+    sources: dict[str, Any] = field(default_factory=dict)
+    """Named training sources mixed by webdataset's RandomMix, NAME: {shards: ..., weight: ...} (shards: as
+    train_shards; weight, default 1: the source's share of the sequences is weight / the sum of the weights);
+    logged as data/NAME/samples. Empty: data.train_shards alone. A curriculum stage may draw other weights or a
+    subset (curriculum.stages.N.sources). On the command line: data.sources.NAME.shards=DIR (+ for a new NAME)."""
     val_shards: Any = None
     """Validation shards (same forms); null: no validation."""
     seq_len: int = 188
@@ -187,6 +193,10 @@ class Stage:
     0 turns the teacher off for the stage."""
     packing: bool = False
     """Pack consecutive conversations shorter than the stage into one sequence."""
+    sources: dict[str, float] = field(default_factory=dict)
+    """The stage's mixture, source name -> weight > 0 (names from data.sources; a subset is a different set);
+    empty: every source of data.sources at its own weight. On the command line (Hydra merges dicts):
+    curriculum.stages.N.sources.NAME=W changes a weight, ++ sets one a YAML file did not, ~ drops one."""
     reset_at_boundaries: bool = True
     """With packing: reset the TTT state where a packed conversation starts."""
 
@@ -411,6 +421,8 @@ GROUP_DOCS = {
     "callbacks.progress": "One plain log line every every_n_steps optimizer steps.",
     "callbacks.preemption": "On signal_name (SIGUSR1 from SLURM): checkpoint, then requeue the job when requeue.",
     "callbacks.ttt_health": "Logs TTT gates, fast-weight norms and learning rates every every_n_steps steps.",
+    "callbacks.recall": "Scores recall on a held-out recall set at every validation: val/recall_in_window, "
+                        "val/recall_beyond_window, recall by distance (W&B line plot, RUN_DIR/recall/).",
     "logger.csv": "Lightning's CSVLogger under <run_dir>/csv (one version_N per attempt).",
     "logger.wandb": "W&B, offline unless credentials exist; the run id is run_name, so a resume continues it.",
 }

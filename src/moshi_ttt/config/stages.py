@@ -82,6 +82,14 @@ def parse_stage(raw: dict, index: int) -> Stage:
     for key in ("packing", "reset_at_boundaries"):
         if key in raw:
             check(key, isinstance(get(key), bool), "true or false")
+    if get("sources") is not None:
+        sources = get("sources")
+        check("sources", isinstance(sources, dict), "source name -> weight (sources of data.sources), or {} for all")
+        for name, weight in sources.items():
+            if not (_is_number(weight) and weight > 0):
+                raise bad(f"{where}.sources.{name}", weight, "a weight > 0 (its share of the stage's sequences is "
+                                                             "weight / the sum of the stage's weights)")
+        raw["sources"] = {str(k): float(v) for k, v in sources.items()}
     return Stage(**raw)
 
 

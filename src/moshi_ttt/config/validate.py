@@ -14,7 +14,7 @@ import math
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moshi_ttt.config.errors import ConfigError, bad
@@ -80,7 +80,7 @@ def validate_config(cfg: DictConfig) -> None:
     stages = parse_stages(OmegaConf.to_container(cfg.curriculum, resolve=True).get("stages")
                           if c.get("curriculum") is not None else [])
     _check_trainer(c, stages)
-    _check_data(c)
+    _check_data(c, stages)
     _check_components(c, "callbacks")
     _check_components(c, "logger")
     _check_ttt(c, stages)
@@ -171,9 +171,10 @@ def _check_trainer(c: _Checker, stages) -> None:
                   "or a larger batch_size")
 
 
-def _check_data(c: _Checker) -> None:
-    if c.get("data.train_shards") is None:
-        raise ConfigError("data.train_shards is not set (a shard directory, glob, brace pattern or list)")
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_data(c: _Checker, stages) -> None:
     c.positive_int("data.seq_len")
     c.positive_int("data.batch_size")
     c.int_at_least("data.num_workers", 0)
@@ -186,14 +187,68 @@ def _check_data(c: _Checker) -> None:
                   "a positive number of frames, or [min, max] with 0 < min <= max")
         c.positive_int("data.synthetic.num_samples")
         c.positive_int("data.synthetic.samples_per_shard")
-        longest, source = _frames_range(synthetic.num_frames)[1], "data.synthetic.num_frames"
-    else:
-        longest, source = _longest_in_index(c.get("data.train_shards"))
+    sources = _check_sources(c, stages)
     min_frames = c.get("data.min_frames")
-    if longest is not None and min_frames > longest:
-        raise bad("data.min_frames", min_frames,
-                  f"longer than every conversation in data.train_shards (at most {longest} frames, from {source}): "
-                  "every sample would be skipped")
+    for key, shards in sources.items():
+        if synthetic is not None and shards == c.get("data.train_shards"):
+            longest, origin = _frames_range(synthetic.num_frames)[1], "data.synthetic.num_frames"
+        else:
+            longest, origin = _longest_in_index(shards)
+        if longest is not None and min_frames > longest:
+            raise bad("data.min_frames", min_frames,
+                      f"longer than every conversation in {key} (at most {longest} frames, from {origin}): "
+                      "every sample would be skipped")
+
+
+def _check_sources(c: _Checker, stages) -> dict[str, object]:
+    """The training sources (``data.sources``, else ``data.train_shards``) and every stage's mixture:
+    names, weights > 0, shards that exist (generated ones excepted), a train_shards that some source
+    reads. Returns the config key of each source's shards -> its value."""
+    from moshi_ttt.data.shards import ShardFormatError, resolve_shards
+
+    train_shards = c.get("data.train_shards")
+    sources = c.get("data.sources") or {}
+    if not sources:
+        if train_shards is None:
+            raise ConfigError("data.train_shards is not set (a shard directory, glob, brace pattern or list; or name "
+                              "several sources in data.sources)")
+        names = {"train": "data.train_shards"}
+    else:
+        names = {}
+        generated = train_shards if c.get("data.synthetic") is not None else None
+        for name in sources:
+            if not _SOURCE_NAME.match(str(name)):
+                raise ConfigError(f"data.sources.{name}: a source name is 1-64 letters, digits, '.', '_' or '-' "
+                                  "(it names the metric data/NAME/samples)")
+            key = f"data.sources.{name}"
+            spec = c.get(key)
+            if not hasattr(spec, "items"):
+                raise bad(key, spec, "a source is {shards: ..., weight: ...}")
+            unknown = sorted(set(spec) - {"shards", "weight"})
+            if unknown:
+                raise ConfigError(f"{key}.{unknown[0]}: unknown key; a source has shards and weight")
+            if spec.get("weight") is not None:
+                c.require(f"{key}.weight", lambda v: _is_number(v) and v > 0,
+                          "a weight > 0 (the source's share of the sequences is weight / the sum of the weights)")
+            shards = c.get(f"{key}.shards")
+            if shards is None:
+                raise ConfigError(f"{key}.shards is not set (a shard directory, glob, brace pattern or list)")
+            if generated is None or shards != generated:  # synthetic shards are written at start-up
+                try:
+                    resolve_shards(OmegaConf.to_container(shards) if isinstance(shards, ListConfig) else shards)
+                except (FileNotFoundError, ShardFormatError) as exn:
+                    raise bad(f"{key}.shards", shards, str(exn).splitlines()[0]) from exn
+            names[str(name)] = f"{key}.shards"
+        if train_shards is not None and all(c.get(f"data.sources.{n}.shards") != train_shards for n in sources):
+            raise bad("data.train_shards", train_shards,
+                      "no source of data.sources reads it: name it in one (data.sources.NAME.shards: "
+                      "${data.train_shards}) or leave it unset")
+    for i, stage in enumerate(stages):
+        for name, weight in (stage.sources or {}).items():
+            if name not in names:
+                raise bad(f"curriculum.stages.{i}.sources.{name}", weight,
+                          f"no source {name!r} in data.sources (it has: {', '.join(names)})")
+    return {key: c.get(key) for key in names.values()}
 
 
 def _frames_range(value) -> tuple[int, int] | None:
@@ -258,12 +313,31 @@ def _check_ttt(c: _Checker, stages) -> None:
     for key in ("default_num_layers", "ttt_layer_attention_window"):
         c.positive_int(f"ttt.{key}")
     variant_for(ttt).check()  # the variant's own rules (cache_replacement: ttt.memory_read)
+    _check_kernel(ttt)
     for i, stage in enumerate(stages):  # the one rule, shared with the layers' configure_for_stage
         try:
             check_stage_mini_batch(stage.ttt_mini_batch_size, ttt.ttt_layer.mini_batch_size,
                                    f"curriculum.stages.{i}.ttt_mini_batch_size")
         except ValueError as exn:
             raise ConfigError(str(exn)) from exn
+
+
+def _check_kernel(ttt) -> None:
+    """``ttt.ttt_layer.kernel=fla`` asked for by name must be able to run: fla installed, a delta rule read
+    at lag 0 (not cache_replacement's lagged read), a key that fits its limit. (CUDA is checked when the
+    layer first runs: configs are composed on login nodes without GPUs.)"""
+    from moshi_ttt.ttt import fla_kernels
+
+    layer = ttt.ttt_layer.resolved()
+    if layer.rule != "delta" or layer.kernel != "fla":
+        return
+    why = fla_kernels.fla_import_error()
+    if why is None and ttt.variant == "cache_replacement":
+        why = "cache_replacement reads its memory at a lag, which fla does not compute (use kernel=auto)"
+    if why is None and layer.head_dim is not None and layer.head_dim + 1 > fla_kernels.MAX_KEY_DIM:
+        why = f"head_dim + 1 = {layer.head_dim + 1} > {fla_kernels.MAX_KEY_DIM}, fla's key-dim limit"
+    if why:
+        raise bad("ttt.ttt_layer.kernel", "fla", f"auto or torch here: {why}")
 
 
 DISTILL_TARGETS = ("logits", "hidden")

@@ -9,7 +9,13 @@ from moshi_ttt.data.shards import (
     resolve_shards,
     seconds_to_frames,
 )
-from moshi_ttt.data.stream import PAD_TOKEN, StreamPosition, TokenSequenceDataset, consumed_positions
+from moshi_ttt.data.stream import (
+    PAD_TOKEN,
+    MixedSequenceDataset,
+    StreamPosition,
+    TokenSequenceDataset,
+    consumed_positions,
+)
 from moshi_ttt.data.synthetic import write_synthetic_shards
 
 # The preparation pipeline is imported on first use: its modules are also run with
@@ -65,6 +71,7 @@ __all__ = [
     "ShardFormatError",
     "ShardIndex",
     "StreamPosition",
+    "MixedSequenceDataset",
     "TokenSequenceDataset",
     "TokenShardWriter",
     "consumed_positions",

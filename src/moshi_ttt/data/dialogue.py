@@ -100,6 +100,67 @@ CODE_WORDS = [
 ]
 
 
+# Values of the long recall conversations' facts: words the small talk never says, so that a fact's
+# value occurs only where it is stated and where it is recalled.
+FACT_VALUES = [
+    *(w for w in CODE_WORDS if w != "winter"),  # "winter" is also a time of the small talk
+    "anchor",
+    "beacon",
+    "cobalt",
+    "dolphin",
+    "ember",
+    "glacier",
+    "hazel",
+    "indigo",
+    "juniper",
+    "kettle",
+    "lagoon",
+    "nectar",
+    "orchid",
+    "pebble",
+    "quartz",
+    "raven",
+    "sapphire",
+    "timber",
+    "walnut",
+    "zephyr",
+]
+
+
+@dataclass(frozen=True)
+class FactKind:
+    """A fact the user can ask Moshi to keep: four sentences, ``{v}`` standing for its one-word value.
+
+    The user states it (``state``), Moshi confirms it (``confirm``, so the value is in Moshi's text
+    stream), and much later the user asks (``ask``) and Moshi answers (``answer``)."""
+
+    name: str
+    state: str
+    confirm: str
+    ask: str
+    answer: str
+
+
+FACT_KINDS = (
+    FactKind("code_word", "please remember the code word {v}.", "okay, the code word is {v}.",
+             "what was the code word?", "the code word was {v}."),
+    FactKind("dog", "my dog is called {v}.", "okay, your dog is called {v}.", "what is my dog called?",
+             "your dog is called {v}."),
+    FactKind("password", "the wifi password is {v}.", "okay, the password is {v}.", "what is the wifi password?",
+             "the wifi password is {v}."),
+    FactKind("boat", "my boat is named {v}.", "okay, your boat is named {v}.", "what is my boat named?",
+             "your boat is named {v}."),
+    FactKind("room", "our meeting room is called {v}.", "okay, the meeting room is {v}.",
+             "what is our meeting room called?", "the meeting room is called {v}."),
+    FactKind("street", "i live on {v} street.", "okay, you live on {v} street.", "which street do i live on?",
+             "you live on {v} street."),
+    FactKind("project", "our new project is called {v}.", "okay, the project is called {v}.",
+             "what is our new project called?", "the project is called {v}."),
+    FactKind("horse", "my horse is named {v}.", "okay, your horse is named {v}.", "what is my horse named?",
+             "your horse is named {v}."),
+)
+
+
 @dataclass(frozen=True)
 class Turn:
     speaker: int  # 0 = Moshi (channel 0), 1 = the user (channel 1)
@@ -193,17 +254,25 @@ class DialogueGenerator:
         return Turn(speaker, (self.rng.choice(BACKCHANNELS),))
 
 
-def recall_turns(code_word: str) -> tuple[list[Turn], list[Turn]]:
-    """(fact turns, recall turns): the user gives a code word, Moshi repeats it, and much later recalls it.
+def fact_turns(kind: FactKind, value: str) -> tuple[list[Turn], list[Turn], int, int]:
+    """(turns that state the fact, turns that recall it, index of the value in the last word list of
+    each): the user states, Moshi confirms; later the user asks and Moshi answers. The value is in
+    Moshi's confirmation and answer, so both the fact and its recall are in the text stream."""
+    if not value or " " in value:
+        raise ValueError(f"a fact's value is one word, got {value!r}")
+    state, recall = [_turn(1, kind.state.format(v=value)), _turn(0, kind.confirm.format(v=value))], \
+        [_turn(1, kind.ask), _turn(0, kind.answer.format(v=value))]
+    return state, recall, _value_index(kind.confirm), _value_index(kind.answer)
 
-    Moshi says the code word in both, so the fact and its recall are both in the text stream.
-    """
-    fact = [
-        _turn(1, f"please remember the code word {code_word}."),
-        _turn(0, f"okay, the code word is {code_word}."),
-    ]
-    recall = [_turn(1, "what was the code word?"), _turn(0, f"the code word was {code_word}.")]
-    return fact, recall
+
+def _value_index(template: str) -> int:
+    return next(i for i, w in enumerate(template.split()) if "{v}" in w)
+
+
+def recall_turns(code_word: str) -> tuple[list[Turn], list[Turn]]:
+    """(fact turns, recall turns) of the code-word fact (``FACT_KINDS[0]``)."""
+    state, recall, _, _ = fact_turns(FACT_KINDS[0], code_word)
+    return state, recall
 
 
 def corpus(seed: int = 0, num_exchanges: int = 3000) -> list[str]:
@@ -213,9 +282,10 @@ def corpus(seed: int = 0, num_exchanges: int = 3000) -> list[str]:
     it = gen.turns()
     for _ in range(num_exchanges * 3):
         lines.append(next(it).text)
-    for w in CODE_WORDS:
-        fact, recall = recall_turns(w)
-        lines += [t.text for t in fact + recall]
+    for i, w in enumerate(FACT_VALUES):
+        for kind in (FACT_KINDS[0], FACT_KINDS[i % len(FACT_KINDS)]):
+            fact, recall, _, _ = fact_turns(kind, w)
+            lines += [t.text for t in fact + recall]
     words = [
         *NAMES,
         *FEELINGS,
@@ -228,6 +298,7 @@ def corpus(seed: int = 0, num_exchanges: int = 3000) -> list[str]:
         *NUMBERS,
         *BACKCHANNELS,
         *CODE_WORDS,
+        *FACT_VALUES,
     ]
     lines += [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
     return lines

@@ -5,16 +5,20 @@ thousands of frames per second of CPU): a random conversation-like stream in whi
 "fact cue" block is followed by a random fact block (text + 16 codebooks), and, after
 ``delay_frames``, a fixed "recall cue" block is followed by the very same fact block.
 
-``python -m moshi_ttt.data.recall audio OUT --tokenizer ... --mimi ...`` speaks it with
-espeak-ng: the user gives a code word, Moshi repeats it, small talk fills the delay, the
-user asks for the code word and Moshi says it again; the conversation then goes through the
-ordinary preparation path.
+``python -m moshi_ttt.data.recall audio OUT --tokenizer ... --mimi ... --distances 750,3000,7500
+--minutes 30`` writes long spoken conversations for the curriculum's long stages: the user states
+several facts ("my dog is called juniper"), Moshi confirms each, small talk fills the time, and
+each fact is asked for again and recalled at its distance (frames, inside, at and beyond the
+attention window). The voices are espeak-ng's (word by word, exact word times) or any TTS given as
+a command (``--tts "my_tts --text {text} --out {wav}"``); the conversations then go through the
+ordinary preparation path with the model's Mimi and tokenizer.
 
-Every sample's ``meta.json`` holds ``fact_span`` and ``recall_span`` (``[start, end)``
-frames of the fact and of its reproduction; for the audio set, the frames of the code word's
-text tokens) and ``delay_frames`` (``recall_span[0] - fact_span[1]``), so that an evaluation
-can score recall on exactly those tokens. The delay is chosen in seconds, or as
-``context_frames`` plus some seconds, to put the fact beyond the attention window.
+Every token-level sample's ``meta.json`` holds ``fact_span`` and ``recall_span`` (``[start, end)``
+frames of the fact and of its reproduction) and ``delay_frames`` (``recall_span[0] - fact_span[1]``);
+a spoken conversation holds one such entry per fact under ``recalls`` (the frames of the value's
+text tokens where Moshi confirms it and where it recalls it, plus the audio spans), so that an
+evaluation can score recall on exactly those tokens. The delay is chosen in frames or seconds, or
+as ``context_frames`` plus some seconds, to put the fact beyond the attention window.
 """
 
 from __future__ import annotations
@@ -295,66 +299,215 @@ def _clear_previous(out_dir: Path) -> None:
             (out_dir / info.name).unlink(missing_ok=True)
 
 
-# ---- audio level ----------------------------------------------------------------------------
-def speak_recall_conversation(
-    index: int,
-    delay_seconds: float,
-    tokenize,
-    synths,
-    seed: int = 0,
-    prefix_seconds: float = 6.0,
-    tail_seconds: float = 4.0,
-):
-    """(audio [2, S], words, meta) for one spoken recall conversation; spans follow the text placement."""
+# ---- audio level: long spoken conversations that ask for memory ------------------------------
+#: About how long a spoken word (with its pause) and a pause between turns last (espeak-ng at 160-170 words per
+#: minute): a recall starts when the question and the answer's first words, or half of the next
+#: small-talk turn, would reach its distance, so that the recalled value lands near it.
+WORD_SECONDS, TURN_GAP_SECONDS = 0.5, 0.5
+#: Room a fact needs between its statement and the end of the conversation besides its distance.
+RECALL_SLACK_SECONDS = 12.0
+
+
+@dataclass(frozen=True)
+class LongRecallSpec:
+    """A spoken conversation in which the user states facts that Moshi recalls much later.
+
+    One fact per entry of ``distances``: the frames between Moshi's confirmation of the fact's value
+    and the value in its answer, chosen around the attention window (inside, at, well beyond). Small
+    talk fills the time between; ``seconds`` (at most, the conversation is cut there) or, when None,
+    just past the last recall. Facts are stated at random times that leave room for their recall.
+    """
+
+    distances: tuple[int, ...]
+    seconds: float | None = None
+    prefix_seconds: float = 6.0
+    tail_seconds: float = 4.0
+    backchannel_prob: float = 0.2
+
+    def check(self) -> None:
+        from moshi_ttt.data.dialogue import FACT_KINDS
+
+        if not self.distances or min(self.distances) < 1:
+            raise ValueError(f"distances={self.distances}: give at least one distance of >= 1 frame")
+        if len(self.distances) > len(FACT_KINDS):
+            raise ValueError(f"distances={self.distances}: at most {len(FACT_KINDS)} facts per conversation "
+                             "(one of each kind)")
+        if self.seconds is not None:
+            need = self.prefix_seconds + max(self.distances) / FRAME_RATE + RECALL_SLACK_SECONDS + self.tail_seconds
+            if self.seconds < need:
+                raise ValueError(f"a {self.seconds:g} s conversation cannot hold a recall {max(self.distances)} "
+                                 f"frames after its fact: it needs at least {need:.0f} s")
+
+    def fact_times(self, rng: np.random.Generator) -> list[float]:
+        """When each fact is to be stated (seconds), in the order of ``distances``."""
+        d = [x / FRAME_RATE for x in self.distances]
+        if self.seconds is None:  # the longest distance first, one fact every ~20 s
+            order = sorted(range(len(d)), key=lambda i: -d[i])
+            times = [0.0] * len(d)
+            for k, i in enumerate(order):
+                times[i] = self.prefix_seconds + 20.0 * k
+            return times
+        return [float(rng.uniform(self.prefix_seconds, self.seconds - self.tail_seconds - RECALL_SLACK_SECONDS - x))
+                for x in d]
+
+
+#: Draws of a conversation's fact times before giving up (in a short conversation with several facts a
+#: draw can bunch the facts so that their recalls do not fit; the next draw is tried).
+FIT_ATTEMPTS = 50
+
+
+class _DoesNotFit(RuntimeError):
+    pass
+
+
+def speak_recall_conversation(index: int, spec: LongRecallSpec, tokenize, synths, seed: int = 0):
+    """(audio [2, S], words, meta) of one spoken long recall conversation; ``meta["recalls"]`` holds,
+    per fact, the text-stream frames of its value's tokens where Moshi confirms it (``fact_span``) and
+    where it recalls it (``recall_span``), their distance (``delay_frames``) and the audio spans."""
+    spec.check()
+    for attempt in range(FIT_ATTEMPTS):
+        try:
+            return _speak_recall_conversation(index, spec, tokenize, synths, seed, attempt)
+        except _DoesNotFit:
+            continue
+    raise RuntimeError(f"recall conversation {index}: the facts' recalls at {spec.distances} frames did not fit in "
+                       f"{spec.seconds:g} s in {FIT_ATTEMPTS} draws: give longer --minutes or shorter --distances")
+
+
+def _speak_recall_conversation(index: int, spec: LongRecallSpec, tokenize, synths, seed: int, attempt: int):
     from moshi_ttt.data.alignment import place_words
     from moshi_ttt.data.codec import num_frames
-    from moshi_ttt.data.dialogue import CODE_WORDS, DialogueGenerator, recall_turns
+    from moshi_ttt.data.dialogue import FACT_KINDS, FACT_VALUES, DialogueGenerator, fact_turns
     from moshi_ttt.data.espeak import Timeline
 
-    rng = np.random.default_rng([seed, index, 0xFAC7])
-    gen = DialogueGenerator(seed * 1_000_003 + index + 500_000)
+    rng = np.random.default_rng([seed, index, 0xFAC7, attempt] if attempt else [seed, index, 0xFAC7])
+    gen = DialogueGenerator(seed * 1_000_003 + index + 500_000 + 7919 * attempt)
     turns = gen.turns()
-    code_word = CODE_WORDS[int(rng.integers(len(CODE_WORDS)))]
-    fact_turns, recall_questions = recall_turns(code_word)
+    n = len(spec.distances)
+    kinds = [FACT_KINDS[int(k)] for k in rng.permutation(len(FACT_KINDS))[:n]]
+    values = [FACT_VALUES[int(v)] for v in rng.permutation(len(FACT_VALUES))[:n]]
+    times = spec.fact_times(rng)
+    to_state = sorted(range(n), key=lambda i: times[i])
     timeline = Timeline(synths, rng)
-    while timeline.seconds < prefix_seconds:
-        timeline.add_turn(next(turns))
-    for turn in fact_turns:
-        placed = timeline.add_turn(turn, overlap=False)
-    fact_word = placed[-1]
-    while timeline.seconds < fact_word.end + delay_seconds:
-        timeline.add_turn(next(turns))
-    for turn in recall_questions:
-        placed = timeline.add_turn(turn, overlap=False)
-    recall_word = placed[-1]
-    end = timeline.seconds
-    while timeline.seconds < end + tail_seconds:
-        timeline.add_turn(next(turns))
-    audio, words = timeline.render()
+    facts: dict[int, dict] = {}
+    due: dict[int, float] = {}  # fact -> second at which its recall should start
+
+    upcoming = [next(turns)]
+
+    def filler():
+        turn = upcoming.pop()
+        upcoming.append(next(turns))
+        back = gen.backchannel(1 - turn.speaker) if rng.random() < spec.backchannel_prob else None
+        timeline.add_turn(turn, backchannel=back)
+
+    def lead(i: int) -> float:  # from the question's start to the value in Moshi's answer
+        _, recall, _, answer_at = fact_turns(kinds[i], values[i])
+        return (len(recall[0].words) + answer_at) * WORD_SECONDS + 2 * TURN_GAP_SECONDS
+
+    def stating(i: int) -> float:  # how long the user's statement and Moshi's confirmation take
+        state, _, _, _ = fact_turns(kinds[i], values[i])
+        return sum(len(turn.words) for turn in state) * WORD_SECONDS + 2 * TURN_GAP_SECONDS
+
+    while to_state or due:
+        t = timeline.seconds
+        half_turn = (len(upcoming[0].words) * WORD_SECONDS + TURN_GAP_SECONDS) / 2
+        ready = [i for i, when in due.items() if when - lead(i) <= t + half_turn]
+        if ready:
+            i = min(ready, key=lambda j: due[j])
+            _, recall, _, answer_at = fact_turns(kinds[i], values[i])
+            placed = [timeline.add_turn(turn, overlap=False) for turn in recall]
+            facts[i]["recall_word"] = placed[-1][answer_at]
+            del due[i]
+        elif to_state and times[to_state[0]] <= t and not any(  # a recall due meanwhile would come late
+                when - lead(j) <= t + stating(to_state[0]) for j, when in due.items()):
+            i = to_state.pop(0)
+            state, _, confirm_at, _ = fact_turns(kinds[i], values[i])
+            placed = [timeline.add_turn(turn, overlap=False) for turn in state]
+            facts[i] = {"user_word": placed[0][_value_position(state[0], values[i])],
+                        "fact_word": placed[-1][confirm_at]}
+            due[i] = facts[i]["fact_word"].end + spec.distances[i] / FRAME_RATE
+        else:
+            filler()
+        if spec.seconds is not None and timeline.seconds > spec.seconds:
+            raise _DoesNotFit()
+    end = spec.seconds if spec.seconds is not None else timeline.seconds + spec.tail_seconds
+    while timeline.seconds < end - 1.0:
+        filler()
+    audio, words = timeline.render(max_seconds=spec.seconds)
     frames = num_frames(audio.shape[1])
     text = place_words(words, frames, tokenize)
-    spans = []
-    for w in (fact_word, recall_word):
-        placed_frames = text.word_frames.get(words.index(w), [])
-        if len(placed_frames) != len(tokenize(w.text)):
-            raise RuntimeError(f"recall conversation {index}: code word {w.text!r} did not fit the text grid")
-        spans.append([placed_frames[0], placed_frames[-1] + 1])
-    meta = {
-        "task": "recall",
-        "level": "audio",
-        "code_word": code_word,
-        "fact_span": spans[0],
-        "recall_span": spans[1],
-        "delay_frames": spans[1][0] - spans[0][1],
-        "fact_audio_span": [math.floor(fact_word.start * FRAME_RATE), math.ceil(fact_word.end * FRAME_RATE)],
-        "recall_audio_span": [
-            math.floor(recall_word.start * FRAME_RATE),
-            math.ceil(recall_word.end * FRAME_RATE),
-        ],
-        "fact_seconds": [fact_word.start, fact_word.end],
-        "recall_seconds": [recall_word.start, recall_word.end],
-    }
+
+    def text_span(w, value: str) -> list[int]:
+        """Frames of the value's own tokens in the text stream (its trailing punctuation left out: the
+        template predicts that, not the memory)."""
+        pieces, placed_frames = tokenize(w.text), text.word_frames.get(words.index(w), [])
+        if len(placed_frames) != len(pieces):
+            raise RuntimeError(f"recall conversation {index}: the value {w.text!r} did not fit the text grid")
+        own = tokenize(value)
+        k = len(own) if list(pieces[: len(own)]) == list(own) else len(pieces)
+        return [placed_frames[0], placed_frames[k - 1] + 1]
+
+    def audio_span(w) -> list[int]:
+        return [math.floor(w.start * FRAME_RATE), math.ceil(w.end * FRAME_RATE)]
+
+    recalls = []
+    for i in range(n):
+        f, r, u = facts[i]["fact_word"], facts[i]["recall_word"], facts[i]["user_word"]
+        fact_span, recall_span = text_span(f, values[i]), text_span(r, values[i])
+        recalls.append({
+            "kind": kinds[i].name, "value": values[i],
+            "fact_span": fact_span, "recall_span": recall_span,
+            "delay_frames": recall_span[0] - fact_span[1], "target_delay_frames": int(spec.distances[i]),
+            "fact_audio_span": audio_span(f), "recall_audio_span": audio_span(r),
+            "user_fact_audio_span": audio_span(u),
+            "fact_seconds": [f.start, f.end], "recall_seconds": [r.start, r.end],
+        })
+    recalls.sort(key=lambda x: x["recall_span"][0])
+    meta = {"task": "recall", "level": "audio", "layout": "long", "seconds": round(audio.shape[1] / 24_000, 3),
+            "recalls": recalls}
     return audio, words, meta
+
+
+def _value_position(turn, value: str) -> int:
+    return next(k for k, w in enumerate(turn.words) if w.rstrip(".,?!") == value)
+
+
+def conversation_settings(spec: LongRecallSpec, seed: int, tts: str | None) -> dict:
+    """What decides a conversation's audio: a rerun with the same settings keeps the files it finds."""
+    return json.loads(json.dumps({"spec": asdict(spec), "seed": seed, "tts": tts or "espeak"}))
+
+
+_GENERATOR: dict = {}
+
+
+def _write_conversation(job: tuple) -> str:
+    """Speak conversation ``i`` into ``out_dir/audio`` (wav + alignment json with ``meta``); the manifest
+    line. Reuses files written with the same settings (a rerun resumes)."""
+    from moshi_ttt.data.alignment import load_text_tokenizer, tokenize_word
+    from moshi_ttt.data.audio import SAMPLE_RATE, write_stereo
+    from moshi_ttt.data.espeak import alignment_json, make_voices
+
+    out_dir, i, spec, seed, tts, tokenizer = job
+    wav = Path(out_dir) / "audio" / f"recall-{i:05d}.wav"
+    settings = conversation_settings(spec, seed, tts)
+    align = wav.with_suffix(".json")
+    if wav.exists() and align.exists():
+        try:
+            old = json.loads(align.read_text())
+            if old.get("meta", {}).get("settings") == settings:
+                return json.dumps({"path": str(wav.relative_to(out_dir)), "duration": old["meta"]["seconds_exact"]})
+        except (ValueError, KeyError):
+            pass
+    key = (tts, str(tokenizer))
+    if _GENERATOR.get("key") != key:
+        sp = load_text_tokenizer(tokenizer)
+        _GENERATOR.update(key=key, voices=make_voices(tts), tokenize=lambda w: tokenize_word(sp, w))
+    audio, words, meta = speak_recall_conversation(i, spec, _GENERATOR["tokenize"], _GENERATOR["voices"], seed)
+    meta["settings"] = settings
+    meta["seconds_exact"] = audio.shape[1] / SAMPLE_RATE
+    write_stereo(wav, audio)
+    align.write_text(json.dumps(alignment_json(words, meta)))
+    return json.dumps({"path": str(wav.relative_to(out_dir)), "duration": audio.shape[1] / SAMPLE_RATE})
 
 
 def build_audio_recall_set(
@@ -362,35 +515,40 @@ def build_audio_recall_set(
     tokenizer: str | Path,
     mimi: str | Path,
     num_samples: int,
-    delay_seconds: float,
+    spec: LongRecallSpec,
     seed: int = 0,
     samples_per_shard: int = 16,
     workers: int = 1,
     progress: bool = True,
+    tts: str | None = None,
+    device: str = "auto",
 ):
-    """Spoken recall conversations (wavs + alignments with ``meta``) prepared into ``out_dir/shards``."""
-    from moshi_ttt.data.alignment import load_text_tokenizer, tokenize_word
-    from moshi_ttt.data.audio import SAMPLE_RATE, write_stereo
-    from moshi_ttt.data.espeak import DEFAULT_VOICES, WordSynth, alignment_json
+    """Spoken recall conversations (wavs + alignments with ``meta``) prepared into ``out_dir/shards`` by
+    the ordinary preparation path (``moshi_ttt.data.prepare``: the model's Mimi and tokenizer).
+    ``tts``: None / ``espeak`` (espeak-ng, word by word) or a command template (``CommandTTS``).
+    ``workers`` processes speak conversations side by side, then encode shards side by side; ``device``: where
+    Mimi encodes (auto: CUDA when present)."""
+    from moshi_ttt.data.espeak import make_voices, require_espeak
     from moshi_ttt.data.prepare import prepare
 
-    if num_samples < 1 or delay_seconds <= 0:
-        raise ValueError(f"need num_samples >= 1 and delay_seconds > 0, got {num_samples}, {delay_seconds}")
+    if num_samples < 1:
+        raise ValueError(f"need num_samples >= 1, got {num_samples}")
+    spec.check()
+    if tts in (None, "", "espeak", "espeak-ng"):
+        require_espeak()
+    else:
+        make_voices(tts)  # a template without {text} / {wav} fails here, before any work
     out_dir = Path(out_dir)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
-    sp = load_text_tokenizer(tokenizer)
-    synths = (WordSynth(DEFAULT_VOICES[0]), WordSynth(DEFAULT_VOICES[1]))
-    lines = []
-    for i in range(num_samples):
-        audio, words, meta = speak_recall_conversation(
-            i, delay_seconds, lambda w: tokenize_word(sp, w), synths, seed
-        )
-        wav = out_dir / "audio" / f"recall-{i:05d}.wav"
-        write_stereo(wav, audio)
-        wav.with_suffix(".json").write_text(json.dumps(alignment_json(words, meta)))
-        lines.append(
-            json.dumps({"path": str(wav.relative_to(out_dir)), "duration": audio.shape[1] / SAMPLE_RATE})
-        )
+    jobs = [(str(out_dir), i, spec, seed, tts, str(tokenizer)) for i in range(num_samples)]
+    if workers > 1 and num_samples > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, num_samples), mp_context=mp.get_context("spawn")) as pool:
+            lines = list(pool.map(_write_conversation, jobs))
+    else:
+        lines = [_write_conversation(job) for job in jobs]
     manifest = out_dir / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return prepare(
@@ -399,18 +557,28 @@ def build_audio_recall_set(
         tokenizer,
         mimi,
         num_workers=workers,
-        device="cpu",
+        device=device,
         samples_per_shard=samples_per_shard,
         prefix="recall",
         progress=progress,
     )
 
 
+def _distances(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exn:
+        raise argparse.ArgumentTypeError(f"--distances {text!r}: comma-separated frame counts, e.g. 750,3000,7500") from exn
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"--distances {text!r}: at least one distance, each >= 1 frame")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m moshi_ttt.data.recall", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="level", required=True)
     tok = sub.add_parser("tokens", help="token-level set (no audio), written straight to shards")
-    aud = sub.add_parser("audio", help="espeak-spoken set, prepared like any corpus")
+    aud = sub.add_parser("audio", help="long spoken conversations that ask for memory, prepared like any corpus")
     for s in (tok, aud):
         s.add_argument("out_dir")
         s.add_argument("--num-samples", type=int, default=64)
@@ -432,19 +600,32 @@ def main(argv=None) -> int:
                      help="all: the fact is text + 16 codebooks; text: only its words recur")
     tok.add_argument("--same-cue", action="store_true", help="recall cue = fact cue (content-addressable)")
     tok.add_argument("--samples-per-shard", type=int, default=64)
-    aud.add_argument("--tokenizer", required=True)
-    aud.add_argument("--mimi", required=True)
+    aud.add_argument("--distances", type=_distances, default=None,
+                     help="frames from each fact to its recall, one fact each, e.g. 750,2250,3000,3750,7500,15000 "
+                          "(inside, at and beyond Moshi's 3000-frame window); instead of --delay-seconds / "
+                          "--context-frames, which give one fact")
+    aud.add_argument("--minutes", type=float, default=None,
+                     help="length of each conversation (it is cut there; default: just past the last recall)")
+    aud.add_argument("--tts", default="espeak",
+                     help="espeak (espeak-ng, word by word), or a command that speaks a turn: "
+                          "\"my_tts --text {text} --out {wav}\" ({speaker}: 0 Moshi, 1 the user)")
+    aud.add_argument("--tokenizer", required=True, help="the model's text tokenizer (path or hub repo id)")
+    aud.add_argument("--mimi", required=True, help="the model's Mimi (tiny, a path or a hub repo id)")
     aud.add_argument("--samples-per-shard", type=int, default=16)
-    aud.add_argument("--workers", type=int, default=1)
+    aud.add_argument("--workers", type=int, default=1, help="processes that speak and encode side by side")
+    aud.add_argument("--device", default="auto", help="where Mimi encodes: auto (cuda when present), cpu, cuda, cuda:N")
     aud.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.delay_seconds is None and args.context_frames is None:
-        p.error("give --delay-seconds or --context-frames")
-    delay = delay_frames_for(
-        args.delay_seconds,
-        args.context_frames,
-        args.beyond_seconds if args.context_frames is not None else 0.0,
-    )
+    if args.level == "audio" and args.distances is not None:
+        delay = None
+    elif args.delay_seconds is None and args.context_frames is None:
+        p.error("give --delay-seconds or --context-frames" + (" (or --distances)" if args.level == "audio" else ""))
+    else:
+        delay = delay_frames_for(
+            args.delay_seconds,
+            args.context_frames,
+            args.beyond_seconds if args.context_frames is not None else 0.0,
+        )
     if args.level == "tokens":
         spec = TokenRecallSpec(
             delay_frames=delay,
@@ -463,20 +644,28 @@ def main(argv=None) -> int:
             f"delay {delay} frames) in {len(index.shards)} shard(s) under {args.out_dir}"
         )
         return 0
+    spec = LongRecallSpec(distances=args.distances or (delay,),
+                          seconds=None if args.minutes is None else args.minutes * 60)
     try:
+        spec.check()
         result = build_audio_recall_set(
             args.out_dir,
             args.tokenizer,
             args.mimi,
             args.num_samples,
-            delay / FRAME_RATE,
+            spec,
             args.seed,
             args.samples_per_shard,
             args.workers,
             progress=not args.no_progress,
+            tts=args.tts,
+            device=args.device,
         )
+    except ValueError as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
     except RuntimeError as exn:
-        if "espeak-ng" in str(exn):
+        if "espeak-ng" in str(exn) or "--tts" in str(exn):
             print(f"error: {exn}", file=sys.stderr)
             return 1
         raise

@@ -7,6 +7,12 @@ crops or pads each conversation to the sequence length. Because a stream is a pu
 of the seed and its id, its position is two integers (shard number in the stream, samples
 already emitted from that shard): that is what checkpoints store, and resuming re-reads at
 most one shard. Bad samples and unreadable shards are skipped and counted, never fatal.
+
+Several sources (``data.sources``: a corpus, spoken recall conversations, ...) are mixed by
+webdataset's own ``RandomMix``: each source is such a stream, cropped/padded/packed on its
+own, and every draw picks the source of the next sequence with the weights' probabilities
+(``MixedSequenceDataset``). A draw's randomness is seeded by (seed, stream, draw number), so
+the mixture's position is the draw count plus each source's two integers.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from moshi_ttt.data.shards import (
@@ -38,10 +46,25 @@ logger = logging.getLogger(__name__)
 PAD_TOKEN = -1  # moshi's zero_token_id: no input embedding, excluded from the loss masks
 
 
+def _stable_seed(parts: tuple) -> int:
+    """A seed that is the same in every process (``hash()`` of strings is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
 def _rng(parts: tuple) -> random.Random:
-    """A generator seeded stably across processes (``hash()`` of strings is salted per process)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
+    return random.Random(_stable_seed(parts))
+
+
+def stream_identity(rank: int, world_size: int, worker_rotation: int = 0) -> tuple[int, int]:
+    """(this reader's stream id, number of streams): one stream per (rank, dataloader worker).
+
+    Rotation makes a resumed run hand out the next batch from the same stream as the
+    uninterrupted run would (DataLoader always starts at worker 0)."""
+    info = get_worker_info()
+    num_workers = 1 if info is None else info.num_workers
+    worker = 0 if info is None else info.id
+    local = (worker + worker_rotation) % num_workers
+    return rank * num_workers + local, world_size * num_workers
 
 
 @dataclass(frozen=True)
@@ -91,7 +114,7 @@ class TokenSequenceDataset(IterableDataset):
         self,
         shards,
         seq_len: int,
-        seed: int = 0,
+        seed: int | tuple = 0,
         rank: int = 0,
         world_size: int = 1,
         resampled: bool = False,
@@ -118,7 +141,7 @@ class TokenSequenceDataset(IterableDataset):
         self.checksums = index_checksums(shards) if verify_checksums else {}
         self._verified: dict[str, bool] = {}
         self.seq_len = int(seq_len)
-        self.seed = int(seed)
+        self.seed = seed if isinstance(seed, tuple) else int(seed)  # a tuple: (run seed, source name)
         self.rank = rank
         self.world_size = world_size
         self.resampled = resampled
@@ -142,13 +165,7 @@ class TokenSequenceDataset(IterableDataset):
 
     # ---- stream identity -------------------------------------------------------------
     def _stream_id(self) -> tuple[int, int]:
-        info = get_worker_info()
-        num_workers = 1 if info is None else info.num_workers
-        worker = 0 if info is None else info.id
-        # Rotation makes a resumed run hand out the next batch from the same stream as the
-        # uninterrupted run would (DataLoader always starts at worker 0).
-        local = (worker + self.worker_rotation) % num_workers
-        return self.rank * num_workers + local, self.world_size * num_workers
+        return stream_identity(self.rank, self.world_size, self.worker_rotation)
 
     def _shard_for(self, stream: int, num_streams: int, shard_seq: int) -> str:
         if self.resampled:
@@ -234,7 +251,10 @@ class TokenSequenceDataset(IterableDataset):
             shard_seq += 1
 
     def __iter__(self) -> Iterator[dict]:
-        stream, num_streams = self._stream_id()
+        return self.sequences(*self._stream_id())
+
+    def sequences(self, stream: int, num_streams: int) -> Iterator[dict]:
+        """Stream ``stream``'s sequences from its resume position on (what ``__iter__`` yields)."""
         skips = _SkipCounter(stream)
         conversations = self._conversations(stream, num_streams, skips)
         for key, codes, shard_seq, emitted in conversations:
@@ -267,11 +287,77 @@ class TokenSequenceDataset(IterableDataset):
             }
 
 
-def consumed_positions(batch: dict) -> dict[int, StreamPosition]:
-    """The furthest position per stream in a collated batch (what resuming must skip)."""
-    out: dict[int, StreamPosition] = {}
-    for s, n, e in zip(batch["stream"].tolist(), batch["shard_seq"].tolist(), batch["emitted"].tolist()):
-        cur = out.get(s)
+class MixedSequenceDataset(IterableDataset):
+    """Sequences of several sources, mixed by webdataset's ``RandomMix`` with ``weights``.
+
+    Each source is a :class:`TokenSequenceDataset` (its own shards, positions and seed); in a
+    reader's stream they all read the same stream id, so a (rank, worker) pair owns one stream
+    of every source. Each draw picks the source of the next *sequence* (after that source's own
+    crop, padding or packing), so a weight is the share of the stage's sequences, and of its
+    compute, that the source gets. ``RandomMix`` draws with Python's global ``random``; every
+    draw runs with it seeded by (seed, stream, draw number) and restored afterwards, so the
+    choice of draw ``n`` depends on nothing else and a stream resumed at ``draws[stream]`` makes
+    the same choices as one that never stopped. Items are those of the sources plus ``source``
+    (the index given in ``source_ids``) and ``draw`` (draws made in this stream, this one included).
+    """
+
+    def __init__(self, sources: list[TokenSequenceDataset], weights: list[float], source_ids: list[int],
+                 seed: int = 0, draws: dict[int, int] | None = None):
+        super().__init__()
+        if not sources or len(sources) != len(weights) or len(sources) != len(source_ids):
+            raise ValueError(f"need one weight and one id per source, got {len(sources)} source(s), "
+                             f"{len(weights)} weight(s), {len(source_ids)} id(s)")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"source weights must be positive, got {weights}")
+        first = sources[0]
+        if any((s.rank, s.world_size, s.worker_rotation) != (first.rank, first.world_size, first.worker_rotation)
+               for s in sources):
+            raise ValueError("every source of a mixture must be read by the same rank and worker rotation")
+        self.sources, self.weights, self.source_ids = list(sources), [float(w) for w in weights], list(source_ids)
+        self.seed = int(seed)
+        self.draws = dict(draws or {})
+
+    def check_streams(self, num_workers: int) -> None:
+        for source in self.sources:
+            source.check_streams(num_workers)
+
+    def __iter__(self) -> Iterator[dict]:
+        first = self.sources[0]
+        stream, num_streams = stream_identity(first.rank, first.world_size, first.worker_rotation)
+        tagged = [_tag(source.sequences(stream, num_streams), sid) for source, sid in zip(self.sources, self.source_ids)]
+        mixed = iter(wds.RandomMix(tagged, probs=self.weights))
+        draw = self.draws.get(stream, 0)
+        while True:
+            saved = random.getstate()
+            random.seed(_stable_seed((self.seed, "mix", stream, draw)))
+            try:
+                item = next(mixed)
+            except StopIteration:  # a source ran dry (they are endless unless broken)
+                return
+            finally:
+                random.setstate(saved)
+            draw += 1
+            item["draw"] = draw
+            yield item
+
+
+def _tag(items: Iterator[dict], source_id: int) -> Iterator[dict]:
+    for item in items:
+        item["source"] = source_id
+        yield item
+
+
+def consumed_positions(batch: dict) -> tuple[dict[tuple[int, int], StreamPosition], dict[int, int]]:
+    """What resuming must skip after a collated batch: the furthest position per (stream, source)
+    and the draws made per stream (``source`` is 0 and no draw is counted for an unmixed stream)."""
+    sources = batch["source"].tolist() if "source" in batch else [0] * len(batch["stream"])
+    positions: dict[tuple[int, int], StreamPosition] = {}
+    for s, src, n, e in zip(batch["stream"].tolist(), sources, batch["shard_seq"].tolist(), batch["emitted"].tolist()):
+        cur = positions.get((s, src))
         if cur is None or (n, e) > (cur.shard_seq, cur.emitted):
-            out[s] = StreamPosition(n, e)
-    return out
+            positions[(s, src)] = StreamPosition(n, e)
+    draws: dict[int, int] = {}
+    if "draw" in batch:
+        for s, d in zip(batch["stream"].tolist(), batch["draw"].tolist()):
+            draws[s] = max(draws.get(s, 0), int(d))
+    return positions, draws

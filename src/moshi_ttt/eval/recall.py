@@ -13,6 +13,8 @@ argmax prediction at that position equals the target. Scored tokens, per the set
 - ``meta.fact_streams == "text"``: the fact lives in the words only; the text stream is scored.
 - ``meta.recall_frames`` (e.g. the associative-recall set's query values): only those frames of
   ``recall_span`` are scored.
+- ``meta.recalls`` (the long spoken conversations): several facts per conversation, each with its
+  own ``recall_span`` and ``delay_frames``, scored as above and counted at its own delay.
 
 ``chance`` is the accuracy of a predictor that picks uniformly among the vocabulary:
 the scored tokens' mean of ``1 / text_card`` (text) and ``1 / card`` (audio).
@@ -40,9 +42,16 @@ def _stack(model, samples) -> torch.Tensor:
     return stack_codes([s.codes for s in samples], max(s.frames for s in samples) + extra)
 
 
+def recall_spans(meta: dict) -> list[dict]:
+    """The recalled facts of a sample: ``meta["recalls"]`` (several per conversation), else the sample's
+    own ``recall_span`` / ``delay_frames`` (one)."""
+    return list(meta["recalls"]) if "recalls" in meta else [meta]
+
+
 def _recall_samples(shards, max_samples):
     for s in iter_samples(shards, max_samples):
-        if "recall_span" not in s.meta or "delay_frames" not in s.meta:
+        spans = recall_spans(s.meta)
+        if not spans or any("recall_span" not in r or "delay_frames" not in r for r in spans):
             raise ValueError(f"sample {s.key!r} of {shards} has no recall_span/delay_frames in its meta.json: "
                              "not a recall set (write one with `python -m moshi_ttt.data.recall`)")
         yield s
@@ -65,32 +74,33 @@ def recall_report(model, shards: str | list[str], max_samples: int | None = None
         codes = _stack(model, batch).to(device)
         out = model(codes)
         for i, sample in enumerate(batch):
-            a, b = (int(x) for x in sample.meta["recall_span"])
-            target_text = codes[i, 0, a:b]
-            text_ok = out.text_mask[i, 0, a:b] & (target_text >= 0) & ~torch.isin(target_text, pads)
-            if "recall_frames" in sample.meta:  # only these frames of the span carry recalled tokens
-                chosen = torch.zeros_like(text_ok)
-                chosen[torch.tensor([int(f) - a for f in sample.meta["recall_frames"]], device=device)] = True
-                text_ok &= chosen
-            text_hit = (out.text_logits[i, 0, a:b].argmax(-1) == target_text) & text_ok
-            if sample.meta.get("level", "tokens") == "audio" or sample.meta.get("fact_streams") == "text":
-                audio_ok = audio_hit = torch.zeros(0, dtype=torch.bool, device=device)
-            else:
-                dep_q, off = out.logits.shape[1], int(getattr(model, "audio_offset", 1))
-                target_audio = codes[i, off:off + dep_q, a:b]
-                audio_ok = out.mask[i, :, a:b] & (target_audio >= 0)
-                audio_hit = (out.logits[i, :, a:b].argmax(-1) == target_audio) & audio_ok
-            delay = int(sample.meta["delay_frames"])
-            key = delay if not delay_bucket else delay // delay_bucket * delay_bucket
-            s = stats.setdefault(key, {"text_hits": 0, "text_tokens": 0, "audio_hits": 0, "audio_tokens": 0})
-            counts = {"text_hits": int(text_hit.sum()), "text_tokens": int(text_ok.sum()),
-                      "audio_hits": int(audio_hit.sum()), "audio_tokens": int(audio_ok.sum())}
-            for k, v in counts.items():
-                s[k] += v
-            tokens = counts["text_tokens"] + counts["audio_tokens"]
-            per_sample.append({"key": sample.key, "delay_frames": delay,
-                               "accuracy": (counts["text_hits"] + counts["audio_hits"]) / tokens if tokens else None,
-                               **counts})
+            for fact in recall_spans(sample.meta):
+                a, b = (int(x) for x in fact["recall_span"])
+                target_text = codes[i, 0, a:b]
+                text_ok = out.text_mask[i, 0, a:b] & (target_text >= 0) & ~torch.isin(target_text, pads)
+                if "recall_frames" in fact:  # only these frames of the span carry recalled tokens
+                    chosen = torch.zeros_like(text_ok)
+                    chosen[torch.tensor([int(f) - a for f in fact["recall_frames"]], device=device)] = True
+                    text_ok &= chosen
+                text_hit = (out.text_logits[i, 0, a:b].argmax(-1) == target_text) & text_ok
+                if sample.meta.get("level", "tokens") == "audio" or sample.meta.get("fact_streams") == "text":
+                    audio_ok = audio_hit = torch.zeros(0, dtype=torch.bool, device=device)
+                else:
+                    dep_q, off = out.logits.shape[1], int(getattr(model, "audio_offset", 1))
+                    target_audio = codes[i, off:off + dep_q, a:b]
+                    audio_ok = out.mask[i, :, a:b] & (target_audio >= 0)
+                    audio_hit = (out.logits[i, :, a:b].argmax(-1) == target_audio) & audio_ok
+                delay = int(fact["delay_frames"])
+                key = delay if not delay_bucket else delay // delay_bucket * delay_bucket
+                s = stats.setdefault(key, {"text_hits": 0, "text_tokens": 0, "audio_hits": 0, "audio_tokens": 0})
+                counts = {"text_hits": int(text_hit.sum()), "text_tokens": int(text_ok.sum()),
+                          "audio_hits": int(audio_hit.sum()), "audio_tokens": int(audio_ok.sum())}
+                for k, v in counts.items():
+                    s[k] += v
+                tokens = counts["text_tokens"] + counts["audio_tokens"]
+                per_sample.append({"key": sample.key, "delay_frames": delay,
+                                   "accuracy": (counts["text_hits"] + counts["audio_hits"]) / tokens if tokens else None,
+                                   **({"kind": fact["kind"]} if "kind" in fact else {}), **counts})
         n += len(batch)
     if n == 0:
         raise ValueError(f"{shards}: no recall samples")
@@ -113,6 +123,30 @@ def recall_report(model, shards: str | list[str], max_samples: int | None = None
         "by_delay_counts": {d: dict(s) for d, s in sorted(stats.items())},
         "samples": per_sample,
     }
+
+
+def window_split(report: dict, window: int | None) -> dict:
+    """Recall of the facts inside the attention window (delay < ``window`` frames) and beyond it (delay
+    >= ``window``: the fact has left what attention sees), from ``recall_report``'s counts by delay
+    (NaN for a side without scored tokens; everything is inside when ``window`` is None)."""
+    sides = {"in_window": [0, 0], "beyond_window": [0, 0]}
+    for delay, c in report["by_delay_counts"].items():
+        side = sides["beyond_window" if window is not None and int(delay) >= window else "in_window"]
+        side[0] += c["text_hits"] + c["audio_hits"]
+        side[1] += c["text_tokens"] + c["audio_tokens"]
+    return {name: hits / tokens if tokens else float("nan") for name, (hits, tokens) in sides.items()} | {
+        f"{name}_tokens": tokens for name, (_, tokens) in sides.items()}
+
+
+def attention_span(model) -> int | None:
+    """The widest attention window of the temporal transformer as configured now (None: unbounded):
+    a fact further back than this is out of every attention layer's reach."""
+    from moshi.modules.transformer import StreamingMultiheadAttention
+
+    spans = [m.context for m in model.transformer.modules() if isinstance(m, StreamingMultiheadAttention)]
+    if not spans or any(c is None for c in spans):
+        return None
+    return int(max(spans))
 
 
 def recall_accuracy(model, shards: str | list[str], max_samples: int | None = None, batch_size: int = 4) -> dict:

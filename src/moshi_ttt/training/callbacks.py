@@ -11,8 +11,6 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from moshi_ttt.data import StreamPosition
-
 logger = logging.getLogger(__name__)
 
 
@@ -51,24 +49,32 @@ def _gather_objects(obj, trainer: L.Trainer) -> list:
 class ResumeStateCallback(L.Callback):
     """Puts what Lightning does not save into the checkpoint: each rank's data position and RNG.
 
-    Lightning writes the checkpoint from rank 0 only, so both are gathered from all ranks
+    Every training batch is recorded in the DataModule (each stream's position in each
+    source, the mixture's draws, the sequences each source gave) and the running count of
+    sequences per source is logged as ``data/<source>/samples`` (summed over ranks). Lightning
+    writes the checkpoint from rank 0 only, so position and RNG are gathered from all ranks
     (``dump_checkpoint`` runs on every rank) and each rank takes its own back on resume.
     """
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Recorded as the batch starts, not at its end: every checkpoint is written after the batch
+        # has trained either way, and a count logged here belongs to this step's metrics row even
+        # when a preemption checkpoints and leaves right after the step (MetricsRowAtCheckpoint).
         dm = trainer.datamodule
-        if dm is not None and hasattr(dm, "record_batch"):
-            dm.record_batch(batch)
+        if dm is None or not hasattr(dm, "record_batch"):
+            return
+        dm.record_batch(batch)
+        for name, count in dm.source_samples().items():
+            pl_module.log(f"data/{name}/samples", float(count), reduce_fx="sum", sync_dist=True, batch_size=1)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         dm = trainer.datamodule
-        local = {"rng": collect_rng_states(),
-                 "positions": {k: tuple(v.__dict__.values()) for k, v in dm.local_positions.items()} if dm is not None and hasattr(dm, "local_positions") else {}}
+        tracks_data = dm is not None and hasattr(dm, "local_state")
+        local = {"rng": collect_rng_states(), "data": dm.local_state() if tracks_data else None}
         gathered = _gather_objects(local, trainer)
         checkpoint["rng_states"] = [g["rng"] for g in gathered]
-        if dm is not None and hasattr(dm, "positions"):
-            dm.positions = {rank: {s: StreamPosition(*p) for s, p in g["positions"].items()}
-                            for rank, g in enumerate(gathered)}
+        if tracks_data:
+            dm.set_gathered_state([g["data"] for g in gathered])
             checkpoint[type(dm).__qualname__] = dm.state_dict()
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -155,10 +161,11 @@ class MetricsRowAtCheckpoint(L.Callback):
         csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
         if not csv_loggers or not trainer.training or connector._first_loop_iter is None or trainer._results is None:
             return
-        # Only what this step has logged already (training_step, optimizer hooks): values logged in
-        # on_train_batch_end hooks still hold the previous step's until Lightning logs them again.
+        # Only what this step has logged already (batch start, training_step, optimizer hooks): values
+        # logged in on_train_batch_end hooks still hold the previous step's until Lightning logs them again.
         fresh = {m.meta.name for m in trainer._results.values()
-                 if m.meta.fx in ("training_step", "on_before_backward", "on_after_backward", "on_before_optimizer_step")}
+                 if m.meta.fx in ("on_train_batch_start", "training_step", "on_before_backward", "on_after_backward",
+                                  "on_before_optimizer_step", "optimizer_step")}
         row = {k: float(v) for k, v in connector.metrics["log"].items()
                if k in fresh and getattr(v, "numel", lambda: 1)() == 1}
         if not row:

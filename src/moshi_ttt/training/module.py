@@ -190,6 +190,16 @@ class MoshiTTTModule(L.LightningModule):
         # written at the batch end already has it in the step's metrics row.
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Under DeepSpeed the gradients live in the engine's (ZeRO-partitioned) buffers and every
+        # p.grad is None, so on_before_optimizer_step finds none: log the global norm DeepSpeed
+        # computed in this step (over all ranks, before clipping).
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        norm = engine.get_global_grad_norm() if engine is not None else None
+        if norm is not None:
+            self.log("train/grad_norm", float(norm))
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         release_segments()  # this batch's backward (and any recomputation in it) is done
 
