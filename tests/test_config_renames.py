@@ -115,6 +115,14 @@ def test_an_older_checkpoint_config_reads_under_the_new_names_and_resumes(compos
     changed = {**now, "ttt": {**now["ttt"], "ttt_layer_attention_window": 64}}
     with pytest.raises(ConfigError, match=r"ttt\.ttt_layer_attention_window: 256 -> 64"):
         _renamed(check_resume_config, {"moshi_ttt_config": stored}, changed, str(ckpt), False)
+    # it trained Sun et al.'s rule (no rule key then): resuming it under today's default rule is another run
+    today = OmegaConf.to_container(compose_cfg("experiment=smoke", "ttt.layer_indices=[-1]", "ttt.ttt_layer.num_heads=2",
+                                               "ttt.init_from_attention=false"), resolve=True)
+    with pytest.raises(ConfigError, match=r"ttt\.ttt_layer\.rule: 'minibatch_gd' -> 'delta'"):
+        _renamed(check_resume_config, {"moshi_ttt_config": stored}, today, str(ckpt), False)
+    # keys added since (data mixtures, a stage's sources) compare as their defaults
+    older = {**stored, "data": {k: v for k, v in now["data"].items() if k != "sources"}}
+    assert _renamed(check_resume_config, {"moshi_ttt_config": older}, now, str(ckpt), False)[0] == {}
 
 
 def test_an_older_export_still_loads(tiny_lm_kwargs, tmp_path):
@@ -249,7 +257,8 @@ def test_train_cli_accepts_an_old_name_over_a_recipe_that_sets_the_new_one(tmp_p
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(MOSHI_TTT_OUTPUT=str(tmp_path), NO_TORCH_COMPILE="1", WANDB_MODE="offline")
     proc = subprocess.run([sys.executable, "train.py", "experiment=moshiko_ttt_30min", "data.train_shards=/shards",
-                           "ttt.layers=[-1]", "optim.warmup_steps=-5"], cwd=Path(__file__).resolve().parents[1],
+                           "data.sources.recall_5min.shards=/r5", "data.sources.recall_30min.shards=/r30",
+                           "callbacks.recall.shards=/rh", "ttt.layers=[-1]", "optim.warmup_steps=-5"], cwd=Path(__file__).resolve().parents[1],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "ttt.layers is deprecated: use ttt.layer_indices" in proc.stderr, proc.stderr[-2000:]

@@ -50,19 +50,22 @@ def _compared(key: str) -> bool:
 _MISSING = "<absent>"
 
 
-def _canonical(cfg: dict) -> dict:
+def _canonical(cfg: dict, where: str = "run") -> dict:
     """``model`` and ``ttt`` read through the schema: the current key names (a checkpoint written before a
     rename compares as the new names) and every default filled in (a key added to the schema since then
-    compares as its default)."""
+    compares as its default; ``where`` names a stored config, which also reads a memory written before
+    ``ttt.ttt_layer.rule`` existed as the rule it trained)."""
     from moshi_ttt.config.groups import model_dict, ttt_dict
 
     out = dict(cfg)
     for key, read in (("model", model_dict), ("ttt", ttt_dict)):
         if key in out:
             try:
-                out[key] = read(out[key])
+                out[key] = read(out[key], f"{where}: {key}" if where != "run" else key)
             except ConfigError:
                 pass  # compared as stored: the difference is named key by key
+    if isinstance(out.get("data"), dict) and "sources" not in out["data"]:
+        out["data"] = {**out["data"], "sources": {}}  # data.sources came later: none is the single train_shards
     # keys added to the loss and to a stage since (loss.distill, distill_weight) compare as their defaults
     if isinstance(out.get("loss"), dict):
         out["loss"] = _with_defaults(dataclasses.asdict(LossConfig()), out["loss"])
@@ -70,6 +73,8 @@ def _canonical(cfg: dict) -> dict:
     if isinstance(curriculum, dict) and isinstance(curriculum.get("stages"), list):
         defaults = {f.name: f.default for f in dataclasses.fields(Stage)
                     if f.default is not dataclasses.MISSING and f.default != "???"}
+        defaults.update({f.name: f.default_factory() for f in dataclasses.fields(Stage)
+                         if f.default_factory is not dataclasses.MISSING})
         out["curriculum"] = {**curriculum, "stages": [_with_defaults(defaults, s) for s in curriculum["stages"]]}
     return out
 
@@ -89,7 +94,7 @@ def _with_defaults(defaults: dict, stored):
 
 def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
     """dotted key -> (checkpoint's value, this run's value) for every compared key that differs."""
-    old, new = _flatten(_canonical(saved)), _flatten(_canonical(current))
+    old, new = _flatten(_canonical(saved, "checkpoint")), _flatten(_canonical(current))
     return {k: (old.get(k, _MISSING), new.get(k, _MISSING)) for k in sorted(set(old) | set(new))
             if _compared(k) and old.get(k, _MISSING) != new.get(k, _MISSING)}
 
