@@ -123,7 +123,9 @@ def test_window_smaller_than_sequence_warns_wraparound():
 
 def test_cache_replacement_layer_keeps_old_frames_in_memory():
     res = check_context(model_layout(tiny("cache_replacement")), frames=300)
-    assert res.metrics["layers"]["layer1"]["window"] == 24  # (ceil(16 / 8) + 1) * 8
+    assert res.metrics["layers"]["layer1"]["window"] == 17  # per-token writes: the memory takes frames from t - 17
+    sun = check_context(model_layout(tiny("cache_replacement", rule="minibatch_gd", mini_batch_size=8)), frames=300)
+    assert sun.metrics["layers"]["layer1"]["window"] == 24  # (ceil(16 / 8) + 1) * 8
     assert [f.layer for f in res.flagged()] == ["layer0"]
     ok = [f.message for f in res.findings if f.layer == "layer1"]
     assert ok and "TTT memory (not lost)" in ok[0]
@@ -161,9 +163,11 @@ def test_record_stream_positions_and_ttt_samples(codes):
     model = tiny("pre_attention")
     x = codes.clone()
     x[1, :, 120:] = -1  # the second sequence is shorter: padded frames are masked out
-    rec = record_stream(model, x)
-    assert rec.chunk_frames == 8 and rec.ttt_chunks["layer1"]["end_frame"][:3] == [8, 16, 24]
-    assert len(rec.ttt_chunks["layer1"]["fast_weight_norm"]) == 20
+    rec = record_stream(model, x)  # a delta-rule memory streams in chunks of any size: 16 by default
+    assert rec.chunk_frames == 16 and rec.ttt_chunks["layer1"]["end_frame"][:3] == [16, 32, 48]
+    assert len(rec.ttt_chunks["layer1"]["fast_weight_norm"]) == 10
+    sun = tiny("pre_attention", rule="minibatch_gd", mini_batch_size=8)  # one health sample per mini-batch
+    assert record_stream(sun, x[..., :24]).ttt_chunks["layer1"]["end_frame"] == [8, 16, 24]
     assert rec.valid[1, 119] and not rec.valid[1, 120]
     text = rec.mean(rec.text_entropy)
     assert np.isfinite(text).all() and ((text > 0) & (text <= 1)).all()
@@ -224,6 +228,11 @@ def test_injected_divergence_is_flagged(codes):
     assert not res.flagged() and res.metrics["layers"]["layer1"]["max_norm_rel"] < 1
     assert 0 < res.metrics["layers"]["layer1"]["eta_mean"] < 1
     huge_lr = record_stream(tiny("pre_attention", base_lr=1e4, eta_max=1e4), codes)
+    res = check_ttt_health(huge_lr.ttt_chunks, huge_lr.ttt_initial, huge_lr.ttt_info)
+    assert res.mentions("layer1: fast weights diverged", "fail")
+    assert res.metrics["layers"]["layer1"]["first_nonfinite_frame"] == 16  # the delta rule overflows in a chunk
+    sun = tiny("pre_attention", rule="minibatch_gd", mini_batch_size=8, base_lr=1e4, eta_max=1e4)
+    huge_lr = record_stream(sun, codes)
     res = check_ttt_health(huge_lr.ttt_chunks, huge_lr.ttt_initial, huge_lr.ttt_info)
     assert res.mentions("layer1: fast weights diverged", "fail")
     assert res.metrics["layers"]["layer1"]["max_norm_rel"] > 100
@@ -319,14 +328,15 @@ def write_export(directory: Path, variant: str, **layer) -> Path:
             state[name] = (torch.randn_like(p) * 0.2 if name.endswith("out_proj.weight") else p.detach()).contiguous()
     directory.mkdir(parents=True)
     save_file(state, str(directory / "ttt_weights.safetensors"))
-    (directory / "config.json").write_text(json.dumps({"model": model_cfg(), "ttt": cfg}))
+    resolved = {**cfg, "ttt_layer": {"rule": "delta", **cfg["ttt_layer"]}}  # as export writes it: the rule named
+    (directory / "config.json").write_text(json.dumps({"model": model_cfg(), "ttt": resolved}))
     return directory
 
 
 def test_run_and_write_report(tmp_path, codes):
     report = run_diagnostics(tiny("pre_attention"), codes[..., :120], DiagnoseSettings(frames=300, window_frames=40),
                              name="pre")
-    assert report["schema"] == "moshi_ttt.diagnose/1" and report["settings"]["chunk_frames"] == 8
+    assert report["schema"] == "moshi_ttt.diagnose/1" and report["settings"]["chunk_frames"] == 16
     assert list(report["checks"]) == ["rope", "context", "ttt_usage", "ttt_health", "drift", "predictions"]
     assert report["settings"]["stream_frames"] == 120 and report["settings"]["frames"] == 300
     assert report["summary"]["status"] == "warn" and report["findings"][0]["severity"] == "warn"

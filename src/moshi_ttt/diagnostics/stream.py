@@ -191,7 +191,7 @@ def _ttt_info(t: TTTModule) -> dict:
 
 
 @contextlib.contextmanager
-def _nan_guard_off(modules: list[TTTModule]):
+def nan_guard_off(modules: list[TTTModule]):
     """Let a diverging memory run on (NaN/Inf stats are what the health check reports), then restore."""
     configs = [m.config for m in modules]  # the memories' settings (the TTT layer's own, where it has one)
     saved = [c.nan_guard for c in configs]
@@ -205,16 +205,17 @@ def _nan_guard_off(modules: list[TTTModule]):
 
 
 def default_chunk_frames(model) -> int:
-    """The smallest TTT mini-batch of the model (one health sample per mini-batch), else 16."""
-    return min((int(m.memory.mini_batch_size) for m in ttt_modules(model)), default=16)
+    """The smallest mini-batch of a mini-batch-GD memory (one health sample per mini-batch), else
+    16: a delta-rule memory writes per token and streams exactly in chunks of any size."""
+    return min((int(m.memory.mini_batch_size) for m in ttt_modules(model) if m.memory.rule == "minibatch_gd"),
+               default=16)
 
 
 def record_stream(model, codes: torch.Tensor, chunk_frames: int | None = None, audio: bool = True,
                   log_every: int = 0) -> StreamRecord:
     """One teacher-forced streaming pass over ``codes`` [B, 17, T] recording a StreamRecord.
 
-    ``chunk_frames`` defaults to the TTT mini-batch size (one health sample per mini-batch),
-    else 16."""
+    ``chunk_frames`` defaults to ``default_chunk_frames``."""
     if codes.dim() != 3 or codes.shape[1] != model.num_codebooks:
         raise ValueError(f"codes must be [B, {model.num_codebooks}, T], got {tuple(codes.shape)}")
     mods = ttt_modules(model)
@@ -245,7 +246,7 @@ def record_stream(model, codes: torch.Tensor, chunk_frames: int | None = None, a
         rec.ttt_chunks[m.name] = {"end_frame": []}
     log_text, log_card = math.log(model.text_card), math.log(model.card)
     try:
-        with _nan_guard_off(mods):
+        with nan_guard_off(mods):
             for ch in iter_chunks(model, codes, chunk_frames, audio, on_start=hooks.at):
                 a, b = ch.start, ch.end
                 rec.text_entropy[:, a:b] = (_entropy(ch.text_logits) / log_text).cpu().numpy()

@@ -77,7 +77,7 @@ def check_ttt_health(chunks: dict, initial: dict, info: dict, th: Thresholds = D
         flagged = False
         if m["first_nonfinite_frame"] is not None:
             res.add("fail", f"{name}: fast weights diverged: non-finite from the chunk ending at frame "
-                    f"{m['first_nonfinite_frame']} (lower ttt.base_lr / ttt.eta_max or set ttt.weight_norm_clip)", name)
+                    f"{m['first_nonfinite_frame']} (lower ttt.ttt_layer.base_lr / eta_max; with the minibatch_gd rule, or set ttt.ttt_layer.weight_norm_clip)", name)
             flagged = True
         if "max_norm" not in m:
             continue

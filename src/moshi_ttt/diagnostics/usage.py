@@ -15,7 +15,7 @@ import torch
 
 from moshi_ttt.diagnostics.findings import CheckResult, bucket
 from moshi_ttt.diagnostics.layout import TTTModule, ttt_modules
-from moshi_ttt.diagnostics.stream import iter_chunks
+from moshi_ttt.diagnostics.stream import iter_chunks, nan_guard_off
 from moshi_ttt.diagnostics.thresholds import DEFAULTS, Thresholds
 
 logger = logging.getLogger(__name__)
@@ -42,24 +42,26 @@ def output_difference(model, codes: torch.Tensor, chunk_frames: int, mods: list[
     mods = ttt_modules(model) if mods is None else mods
     before = [bool(m.module.ttt_enabled) for m in mods]
     on_hidden, on_logp = [], []
-    try:
-        _set_enabled(mods, [True] * len(mods))
-        for ch in iter_chunks(model, codes, chunk_frames, audio=False):
-            on_hidden.append(ch.hidden.float().cpu())
-            on_logp.append(torch.log_softmax(ch.text_logits.float(), -1).cpu())
-        _set_enabled(mods, [False] * len(mods))
-        diff_sq = ref_sq = 0.0
-        kl, changed = [], []
-        for i, ch in enumerate(iter_chunks(model, codes, chunk_frames, audio=False)):
-            h_off = ch.hidden.float().cpu()
-            diff_sq += float((on_hidden[i] - h_off).pow(2).sum())
-            ref_sq += float(h_off.pow(2).sum())
-            lp_off = torch.log_softmax(ch.text_logits.float(), -1).cpu()
-            lp_on = on_logp[i]
-            kl.append((lp_on.exp() * (lp_on - lp_off)).sum(-1).clamp_min(0))  # [B, C]
-            changed.append(lp_on.argmax(-1) != lp_off.argmax(-1))
-    finally:
-        _set_enabled(mods, before)
+    # a diverging memory is a finding ("output with TTT is not finite"), not a crash
+    with nan_guard_off(mods):
+        try:
+            _set_enabled(mods, [True] * len(mods))
+            for ch in iter_chunks(model, codes, chunk_frames, audio=False):
+                on_hidden.append(ch.hidden.float().cpu())
+                on_logp.append(torch.log_softmax(ch.text_logits.float(), -1).cpu())
+            _set_enabled(mods, [False] * len(mods))
+            diff_sq = ref_sq = 0.0
+            kl, changed = [], []
+            for i, ch in enumerate(iter_chunks(model, codes, chunk_frames, audio=False)):
+                h_off = ch.hidden.float().cpu()
+                diff_sq += float((on_hidden[i] - h_off).pow(2).sum())
+                ref_sq += float(h_off.pow(2).sum())
+                lp_off = torch.log_softmax(ch.text_logits.float(), -1).cpu()
+                lp_on = on_logp[i]
+                kl.append((lp_on.exp() * (lp_on - lp_off)).sum(-1).clamp_min(0))  # [B, C]
+                changed.append(lp_on.argmax(-1) != lp_off.argmax(-1))
+        finally:
+            _set_enabled(mods, before)
     kl_t = torch.cat(kl, dim=1)  # [B, T]
     valid = (codes[:, 0] >= 0).cpu()
     kl_valid = kl_t[valid]

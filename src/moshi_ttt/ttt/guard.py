@@ -12,7 +12,7 @@ Tensor = torch.Tensor
 
 
 def check_finite(
-    name: str, out: Tensor, x: Tensor, positions: Sequence[int], weights: dict[str, Tensor]
+    name: str, out: Tensor, x: Tensor, positions: Sequence[int], weights: dict[str, Tensor], rule: str = "delta"
 ) -> None:
     """Raise FloatingPointError if ``out`` [B, T, ...] or the fast weights hold a NaN/Inf.
 
@@ -39,7 +39,9 @@ def check_finite(
         raise FloatingPointError(
             f"TTT layer {name!r}: non-finite output at sample {s}, position {positions[s] + t} "
             f"(index {t} of this chunk of {out.shape[1]}) with a finite input: the fast weights diverged "
-            f"(lower {config_key('base_lr')} or {config_key('eta_max')}, or set {config_key('weight_norm_clip')})"
+            f"(lower {config_key('base_lr')} or {config_key('eta_max')}"
+            + (f", or set {config_key('weight_norm_clip')})" if rule == "minibatch_gd" else
+               ": a delta-rule write on keys [k, 1] with unit k contracts while base_lr * sigmoid stays below 1)")
         )
     for k, w in weights.items():
         bad_w = ~torch.isfinite(w.flatten(1)).all(-1)

@@ -83,7 +83,7 @@ class TTTLayer(nn.Module):
             out, new_state = self.memory(q, k, v, lr, state, log_decay)
             out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
             if self.config.nan_guard:
-                check_finite(self.name, out, x, positions, new_state.weights)
+                check_finite(self.name, out, x, positions, new_state.weights, self.memory.rule)
         out = self.post_norm(out.to(self.post_norm.weight.dtype))
         if self.out_proj is not None:
             out = self.out_proj(out)
