@@ -115,5 +115,11 @@ gpu-wheels:
 	echo "gpu-wheels: $$(ls $(GPU_WHEELS_DIR) | wc -l) files, $$mib MiB in $(GPU_WHEELS_DIR) (limit $(GPU_WHEELS_MAX_MIB) MiB)"; \
 	if [ $$bytes -gt $$(( $(GPU_WHEELS_MAX_MIB) * 1048576 )) ]; then echo "gpu-wheels: over $(GPU_WHEELS_MAX_MIB) MiB" >&2; exit 1; fi
 
+# docs/configuration.md: every config key and group, rendered from the schema and conf/ (never edit it by hand;
+# tests/test_configuration_docs.py fails when it is stale). Needs only the Python deps, not system-deps.
+.PHONY: docs
+docs: $(MOSHI_TTT_VENV)/.deps-installed
+	$(PY) -m moshi_ttt.config.reference
+
 print-python:
 	@echo $(PY)

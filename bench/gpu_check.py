@@ -333,9 +333,8 @@ def build_variant(cfg, device: str, serving: bool = False):
     ``load_base_moshi`` (LoRA, linear-cost attention + the TTT variant, checkpointing flags);
     ``serving``: without activation checkpointing, as ``moshi_ttt.serving`` builds it."""
     from moshi_ttt.models.insert import install_ttt
-    from moshi_ttt.models.loading import DTYPES
+    from moshi_ttt.models.loading import DTYPES, lm_kwargs_for
     from moshi_ttt.models.lora import apply_lora
-    from moshi_ttt.plan import lm_kwargs_for
 
     model_cfg, ttt_cfg = plain(cfg.model), plain(cfg.ttt)
     if serving:

@@ -37,7 +37,7 @@ from moshi_ttt import memory_proof  # noqa: E402
 from moshi_ttt.eval.samples import batched, iter_samples, stack_codes  # noqa: E402
 from moshi_ttt.memory_proof import _trained  # noqa: E402
 from moshi_ttt.models.attention import local_attention  # noqa: E402
-from moshi_ttt.models.variants.cache_replacement import CacheReplacementAttention  # noqa: E402
+from moshi_ttt.models.variants.cache_replacement import KVSlotsAttention  # noqa: E402
 
 ROW = "cache_replacement_kv_slots"
 FIELDS = ("beta", "cos_read", "cos_window", "cos_out", "norm_read", "norm_lookup")
@@ -49,7 +49,7 @@ TINY_PROOF = ["--window", "16", "--pairs", "2", "--delays", "2", "--train-delay"
 TINY_SETS = ["2_in", "2_2x"]
 
 
-def probe(module: CacheReplacementAttention, x: torch.Tensor, long_window: int) -> dict[str, torch.Tensor]:
+def probe(module: KVSlotsAttention, x: torch.Tensor, long_window: int) -> dict[str, torch.Tensor]:
     """Per head [B, H, T]: the slot's share, and the read / window / output against the long-window lookup."""
     B = x.shape[0]
     inputs = module._memory_inputs(x)  # (q, k, v, learning rates, ...): all of them are the memory's
@@ -82,7 +82,7 @@ def report(out: Path, sets: list[str], samples: int) -> int:
     model = _trained(model_cfg, saved["ttt"], Path(saved["ckpt"]))
     torch.set_grad_enabled(False)
     modules = {n.split(".self_attn")[0].removeprefix("transformer."): m for n, m in model.named_modules()
-               if isinstance(m, CacheReplacementAttention)}
+               if isinstance(m, KVSlotsAttention)}
     inputs: dict[str, torch.Tensor] = {}
     for name, m in modules.items():
         m.register_forward_pre_hook(lambda mod, a, name=name: inputs.__setitem__(name, a[0]))

@@ -62,6 +62,7 @@ def test_unknown_key_and_group_option_are_named(compose_cfg):
                                  "(at most 160 frames, from data.synthetic.num_frames)"),
     (["ttt.ttt_layer.inner=foo"], "ttt.ttt_layer.inner='foo' must be one of ('linear', 'mlp')"),
     (["optim.lr=0"], "optim.lr=0.0: a finite number > 0"),
+    (["optim.opening_lr_scale=0"], "optim.opening_lr_scale=0.0: a finite number > 0"),
     (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5]: two numbers in [0, 1)"),
     (["+callbacks.progress.every_n_step=3"], "callbacks.progress.every_n_step: PlainProgressLogger takes no argument"),
     (["curriculum=demo", "curriculum.stages.0.warmup_steps=50"], "curriculum.stages.0.warmup_steps=50: an integer "

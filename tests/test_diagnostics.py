@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from moshi_ttt.diagnose import main as diagnose_main
 from moshi_ttt.diagnostics import (
     DiagnoseSettings,
     check_context,
@@ -26,6 +25,7 @@ from moshi_ttt.diagnostics import (
     run_diagnostics,
     write_report,
 )
+from moshi_ttt.diagnostics.cli import main as diagnose_main
 from moshi_ttt.diagnostics.rope import rope_wavelengths
 from moshi_ttt.diagnostics.sources import synthetic_codes
 from moshi_ttt.diagnostics.stream import StreamRecord, delayed_input, without_padding

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from moshi_ttt.infer import main
+from moshi_ttt.serving.infer_cli import main
 from serve_model import make_trained_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # streamed frames are tiny: one thread is fastest

@@ -19,7 +19,7 @@ def demo_outputs(tmp_path_factory, tiny_lm_kwargs):
     from hydra import compose, initialize_config_dir
 
     from moshi_ttt.data.recall import TokenRecallSpec, write_token_recall_shards
-    from moshi_ttt.diagnose import main as diagnose_main
+    from moshi_ttt.diagnostics.cli import main as diagnose_main
     from moshi_ttt.eval.__main__ import main as eval_main
     from moshi_ttt.training import train
 

@@ -220,7 +220,7 @@ def test_serve_command_answers_a_websocket_client(served):
 
 
 def test_serve_command_names_a_missing_model(tmp_path):
-    from moshi_ttt.serve import main
+    from moshi_ttt.serving.serve_cli import main
 
     assert main([str(tmp_path / "nope"), "--static", "none"]) == 2
 
@@ -229,7 +229,7 @@ def test_a_hub_model_that_cannot_be_fetched_is_named(monkeypatch, capsys):
     """MODEL as a hub repo id goes through huggingface_hub (offline here: the error names the repo)."""
     import huggingface_hub.constants
 
-    from moshi_ttt.serve import main
+    from moshi_ttt.serving.serve_cli import main
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert main(["someone/ttt-export-that-is-not-cached", "--static", "none"]) == 2

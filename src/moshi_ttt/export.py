@@ -26,63 +26,21 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from moshi_ttt.config.groups import ttt_dict
+from moshi_ttt.models.export_format import (
+    NON_LM_KEYS,
+    TOKENIZER_NAME,
+    config_json,
+    load_export_weights,
+    read_export,
+    write_config,
+    write_weights,
+)
 from moshi_ttt.serving.checkpoint import last_checkpoint, load_raw, run_config, trained_state_dict
 
 logger = logging.getLogger("moshi_ttt.export")
 
-FORMAT = "moshi-ttt-export/2"
-CONFIG_NAME = "config.json"
-TTT_NAME = "ttt.safetensors"
-LORA_NAME = "lora.safetensors"
-LEGACY_WEIGHTS_NAME = "ttt_weights.safetensors"  # format 1: every trained tensor in one file
-_LORA_MARKERS = (".lora_A.", ".lora_B.")
-# Keys of a moshi config.json that are not LMModel constructor settings.
-_NON_LM_KEYS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
-                "lm_gen_config", "tts_config", "stt_config", "model_id", "lora", "lora_rank", "lora_scaling")
-
-# The TTT wrapper keeps moshi's layer as its child ``layer``: moshi's own name drops that step.
-_WRAPPER_CHILD = ".layer."
-
-
-def is_lora_key(name: str) -> bool:
-    return any(m in name for m in _LORA_MARKERS)
-
-
-def _wrapped_prefixes(state_keys) -> set[str]:
-    """``transformer.layers.N`` prefixes whose moshi layer sits under a TTT wrapper (``.layer.``)."""
-    prefixes = set()
-    for k in state_keys:
-        if not is_lora_key(k) and k.startswith("transformer.layers.") and ".ttt." in k:
-            prefixes.add(".".join(k.split(".")[:3]))
-    return prefixes
-
-
-def lora_to_moshi_names(state: dict, wrapped: set[str]) -> dict:
-    """Our LoRA keys -> moshi's module names (a wrapped layer's ``.layer.`` step removed)."""
-    out = {}
-    for k, v in state.items():
-        prefix = ".".join(k.split(".")[:3])
-        if prefix in wrapped and k.startswith(prefix + _WRAPPER_CHILD):
-            k = prefix + "." + k[len(prefix + _WRAPPER_CHILD):]
-        out[k] = v
-    return out
-
-
-def lora_from_moshi_names(state: dict, model_keys: set[str]) -> dict:
-    """moshi's LoRA names -> this model's (re-inserting a wrapper's ``.layer.`` where the model has it)."""
-    out = {}
-    for k, v in state.items():
-        if k not in model_keys:
-            parts = k.split(".")
-            alt = ".".join(parts[:3] + ["layer"] + parts[3:])
-            if alt in model_keys:
-                k = alt
-        out[k] = v
-    return out
+__all__ = ["export", "load_export_weights", "main", "read_export"]  # the last two: for older callers
 
 
 def _base_lm_config(model_cfg: dict) -> tuple[dict, bool]:
@@ -114,7 +72,7 @@ def _base_lm_config(model_cfg: dict) -> tuple[dict, bool]:
         from moshi.models import loaders
 
         raw = dict(loaders._lm_kwargs)
-    return {**{k: v for k, v in raw.items() if k not in _NON_LM_KEYS}, **overrides}, True
+    return {**{k: v for k, v in raw.items() if k not in NON_LM_KEYS}, **overrides}, True
 
 
 def _copy_codec(run_cfg: dict, out_dir: Path, mimi: str | None, tokenizer: str | None) -> tuple[dict, dict]:
@@ -149,8 +107,8 @@ def _copy_codec(run_cfg: dict, out_dir: Path, mimi: str | None, tokenizer: str |
     else:
         codec["mimi"] = sources.mimi
     if Path(sources.tokenizer).expanduser().exists():
-        shutil.copyfile(locate_text_tokenizer(sources.tokenizer), out_dir / "tokenizer.model")
-        entries["tokenizer_name"] = "tokenizer.model"
+        shutil.copyfile(locate_text_tokenizer(sources.tokenizer), out_dir / TOKENIZER_NAME)
+        entries["tokenizer_name"] = TOKENIZER_NAME
     else:
         codec["tokenizer"] = sources.tokenizer
     if codec:  # what is not in the directory is named by where it comes from
@@ -174,82 +132,15 @@ def export(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = No
     ttt_cfg = ttt_dict(run_cfg.get("ttt"), f"{ckpt}: ttt")  # under the current key names
     if model_cfg.get("train_base"):
         raise ValueError(f"{ckpt}: model.train_base=true trained the whole base; an adapter export would drop it")
-    lora = {k: v for k, v in state.items() if is_lora_key(k)}
-    ttt = {k: v for k, v in state.items() if not is_lora_key(k)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (TTT_NAME, LORA_NAME, LEGACY_WEIGHTS_NAME):
-        (out_dir / stale).unlink(missing_ok=True)
-    if ttt:
-        save_file(ttt, str(out_dir / TTT_NAME))
-    lora_cfg = dict(model_cfg.get("lora") or {})
-    if lora:
-        save_file(lora_to_moshi_names(lora, _wrapped_prefixes(state)), str(out_dir / LORA_NAME))
+    ttt, lora = write_weights(out_dir, state)
     lm_config, complete = _base_lm_config(model_cfg)
     codec_entries, codec = _copy_codec(run_cfg, out_dir, mimi, tokenizer)
-    meta = {
-        **lm_config,
-        "model_type": "moshi",
-        "lora": bool(lora),
-        **({"lora_rank": int(lora_cfg.get("rank", 0)), "lora_scaling": float(lora_cfg.get("scaling", 2.0)),
-            "lora_name": LORA_NAME} if lora else {}),
-        **codec_entries,
-        "moshi_ttt": {
-            "format": FORMAT,
-            "model": {**model_cfg, "gradient_checkpointing": False},
-            "ttt": ttt_cfg,
-            "ttt_name": TTT_NAME if ttt else None,
-            "lora_modules": lora_cfg.get("modules", "transformer") if lora else None,
-            "codec": codec or None,
-            "base_config_complete": complete,
-            "source_checkpoint": str(ckpt),
-            "num_tensors": len(state),
-            "num_parameters": int(sum(v.numel() for v in state.values())),
-        },
-    }
-    (out_dir / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    meta = config_json(state, model_cfg, ttt_cfg, lm_config, complete, codec_entries, codec, str(ckpt))
+    write_config(out_dir, meta)
     logger.info("exported %d tensors (%s parameters: %d TTT, %d LoRA tensors) to %s", len(state),
                 f"{meta['moshi_ttt']['num_parameters']:,}", len(ttt), len(lora), out_dir)
     return out_dir
-
-
-def read_export(directory: str | Path) -> dict:
-    """An export's settings as ``{model, ttt, codec, ...}`` (format 2, or format 1 of older exports)."""
-    directory = Path(directory)
-    path = directory / CONFIG_NAME
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exn:
-        raise ValueError(f"{path}: unreadable ({exn})") from exn
-    if "moshi_ttt" in raw:
-        meta = dict(raw["moshi_ttt"])
-        meta["lm_gen_config"] = raw.get("lm_gen_config") or {}
-        meta["lora_name"] = raw.get("lora_name")
-        if raw.get("mimi_name") and raw.get("tokenizer_name") and not meta.get("codec"):
-            meta["codec"] = {"mimi": str(directory), "tokenizer": str(directory)}
-        elif meta.get("codec"):
-            meta["codec"] = {k: str(directory) if v == "." else v for k, v in meta["codec"].items()}
-    elif "model" in raw and (directory / LEGACY_WEIGHTS_NAME).exists():
-        meta = {**raw, "ttt": raw.get("ttt") or {"variant": "none"}, "codec": None, "legacy": True}
-    else:
-        raise ValueError(f"{path}: not a moshi-ttt export (no 'moshi_ttt' section); a plain moshi checkpoint "
-                         "directory is a base model: use it as model.source=dir")
-    if "model" not in meta:
-        raise ValueError(f"{path}: moshi_ttt.model is missing")
-    meta["ttt"] = ttt_dict(meta["ttt"], f"{path}: ttt")  # an older export's key names, moved with a warning
-    return meta
-
-
-def load_export_weights(directory: str | Path, meta: dict, model_keys: set[str], device: str = "cpu") -> dict:
-    """Every trained tensor of an export, keyed by this model's parameter names."""
-    directory = Path(directory)
-    if meta.get("legacy"):
-        return load_file(str(directory / LEGACY_WEIGHTS_NAME), device=device)
-    state: dict[str, torch.Tensor] = {}
-    if meta.get("ttt_name"):
-        state.update(load_file(str(directory / meta["ttt_name"]), device=device))
-    if meta.get("lora_name"):
-        state.update(lora_from_moshi_names(load_file(str(directory / meta["lora_name"]), device=device), model_keys))
-    return state
 
 
 def main(argv: list[str] | None = None) -> int:

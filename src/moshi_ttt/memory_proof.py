@@ -95,7 +95,7 @@ def recipe_row(experiment: str, num_layers: int) -> list[str]:
     its ``ttt`` option and every key its block sets, ``layer_indices`` read relative to the recipe model's depth."""
     import yaml
 
-    from moshi_ttt.plan import lm_kwargs_for
+    from moshi_ttt.models.loading import lm_kwargs_for
 
     recipe = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
     defaults = [d for d in recipe.get("defaults", []) if isinstance(d, dict)]
@@ -103,11 +103,18 @@ def recipe_row(experiment: str, num_layers: int) -> list[str]:
     model = next((d["override /model"] for d in defaults if "override /model" in d), None)
     if option is None or model is None:
         raise ValueError(f"conf/experiment/{experiment}.yaml: the recipe row needs its ttt and model options")
-    depth = int(lm_kwargs_for(yaml.safe_load((CONF_DIR / "model" / f"{model}.yaml").read_text()))["num_layers"])
+    lm = lm_kwargs_for(yaml.safe_load((CONF_DIR / "model" / f"{model}.yaml").read_text()))
+    depth, context = int(lm["num_layers"]), int(lm["context"])
     row = [f"ttt={option}"]
     for key, value in _flatten(recipe.get("ttt") or {}, "ttt"):
         if key == "ttt.layer_indices" and value is not None:
             value = relative_layers(value, depth, num_layers)
+        elif key == "ttt.ttt_layer_attention_window" and value is not None:
+            # the recipe's window is read relative to its model's: Moshi's own window is the toy base's
+            if int(value) != context:
+                raise ValueError(f"conf/experiment/{experiment}.yaml: {key}={value}: the recipe row maps only the "
+                                 f"model's own window ({context}) onto the toy's")
+            value = "{wm}" if option.startswith("cache_replacement") else "{w}"
         row.append(f"{key}={_override_value(value)}")
     return row
 

@@ -165,6 +165,17 @@ def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[tuple[str, str]
     return out
 
 
+def full_doc(e: KeyDoc) -> str:
+    """The key's documentation, naming the new key when it is an old (renamed) one."""
+    new = RENAMED_KEYS.get(e.key)
+    return e.doc + (f" Deprecated: use {new}." if new and "eprecated" not in e.doc else "")
+
+
+def config_groups(conf_dir: Path = CONF_DIR) -> list[str]:
+    """The groups a user picks with GROUP=OPTION (``hydra/`` holds Hydra's own settings)."""
+    return sorted(p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra")
+
+
 def render(entries: list[KeyDoc], values: dict[str, object] | None = None, width: int = 100) -> str:
     lines = []
     for e in entries:
@@ -172,8 +183,7 @@ def render(entries: list[KeyDoc], values: dict[str, object] | None = None, width
         if values is not None and e.key in values:
             head += f"  now: {values[e.key]}"
         lines.append(head)
-        new = RENAMED_KEYS.get(e.key)
-        doc = e.doc + (f" Deprecated: use {new}." if new and "eprecated" not in e.doc else "")
+        doc = full_doc(e)
         if doc:
             lines.extend(textwrap.wrap(doc, width=width, initial_indent="    ", subsequent_indent="    "))
     return "\n".join(lines)
@@ -182,7 +192,7 @@ def render(entries: list[KeyDoc], values: dict[str, object] | None = None, width
 def overview(conf_dir: Path = CONF_DIR) -> str:
     """Every group with its options, then every typed key."""
     out = ["Config groups (choose one with GROUP=OPTION, e.g. `python train.py curriculum=demo`):"]
-    for group in sorted(p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"):
+    for group in config_groups(conf_dir):
         out.append(f"  {group}:")
         out += [f"    {name:<24} {comment}" for name, comment in group_options(group, conf_dir)]
     out += ["", "Keys (override with KEY=VALUE; list elements by index: curriculum.stages.1.steps=2000):",

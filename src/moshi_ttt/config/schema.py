@@ -26,6 +26,9 @@ from moshi_ttt.ttt.config import TTTConfig
 # A value for an int field that the curriculum replaces: see ``moshi_ttt.config.store.run_steps``.
 RUN_STEPS = "${moshi_ttt.run_steps:100}"
 
+# ``loss.distill.target``'s values: validation and the teacher read the same list.
+DISTILL_TARGETS = ("logits", "hidden")
+
 
 @dataclass
 class DistillConfig:
@@ -360,8 +363,8 @@ class TTTVariantConfig:
     """pre_attention: the share of the memory read's gradient that flows back through its own layer's frozen
     attention (0..1). The read enters that attention's input in full (the forward, streaming included, is the same
     whatever the value); only training differs. At 1, the plain gradient, every position of the window pushes the
-    read not to disturb lookups the attention already makes, and in the memory proof the memory never learned to
-    recall (0.19 at 4x the window); at 0.1 it did (0.98), at 0.3 it did not (chance). Other variants ignore it."""
+    read not to disturb lookups the attention already makes, and the memory does not learn to recall
+    (docs/memory-proof.md). Other variants ignore it."""
     attention_window: int | None = None
     """Frames every layer's self-attention sees, at linear cost (chunked local attention); null: each layer
     keeps Moshi's context (3000 frames = 4 min). Layers that carry a hybrid or cache_replacement TTT layer use

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moshi_ttt.config.errors import ConfigError, bad
 from moshi_ttt.config.groups import apply_renames, model_settings, ttt_settings
+from moshi_ttt.config.schema import DISTILL_TARGETS
 from moshi_ttt.config.stages import parse_stages
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9._=-]{1,128}$")
@@ -119,9 +120,9 @@ def _check_optim(c: _Checker) -> None:
     c.int_at_least("optim.warmup_steps", 0)
     c.positive_int("optim.total_steps")
     c.number("optim.min_lr_ratio", 0, 1)
-    for name, scale in (c.get("optim.group_lr_scale") or {}).items():
+    c.number("optim.opening_lr_scale", 0, low_open=True)
+    for name in c.get("optim.group_lr_scale") or {}:
         c.number(f"optim.group_lr_scale.{name}", 0)
-        del scale
 
 
 def _cuda_available() -> bool:
@@ -140,7 +141,6 @@ def _group_choice(group: str) -> str | None:
 
 
 def _check_trainer(c: _Checker, stages) -> None:
-    steps = c.get("trainer.max_steps")
     if stages:
         total = sum(s.steps for s in stages)
         c.require("trainer.max_steps", lambda v: v == total,
@@ -148,7 +148,6 @@ def _check_trainer(c: _Checker, stages) -> None:
                   "curriculum.stages.*.steps); leave trainer.max_steps unset or change the stages' steps")
     else:
         c.require("trainer.max_steps", lambda v: _is_int(v) and v > 0, "a positive integer")
-    del steps
     c.positive_int("trainer.num_nodes")
     c.positive_int("trainer.log_every_n_steps")
     c.positive_int("trainer.accumulate_grad_batches")
@@ -340,9 +339,6 @@ def _check_kernel(ttt) -> None:
         raise bad("ttt.ttt_layer.kernel", "fla", f"auto or torch here: {why}")
 
 
-DISTILL_TARGETS = ("logits", "hidden")
-
-
 def _check_distill(c: _Checker, stages) -> None:
     """``loss.distill`` ranges; where a teacher runs, its window covers every student window."""
     c.number("loss.distill.weight", 0)
@@ -356,8 +352,8 @@ def _check_distill(c: _Checker, stages) -> None:
     if not windows:
         return
     from moshi_ttt.config.groups import model_dict
-    from moshi_ttt.plan import lm_kwargs_for
-    from moshi_ttt.training.distill import student_windows
+    from moshi_ttt.models.insert import student_windows
+    from moshi_ttt.models.loading import lm_kwargs_for
 
     lm = lm_kwargs_for(model_dict(c.get("model")))
     context = lm.get("context")

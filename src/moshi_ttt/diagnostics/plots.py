@@ -8,19 +8,9 @@ import math
 from moshi_ttt.constants import FRAME_RATE
 from moshi_ttt.eval.plots import _figure, _finish
 
-
-def kind_colors() -> dict[str, str]:
-    """Layer kind -> colour: plain attention, each registered variant's ``color``, no attention."""
-    from moshi_ttt.models.variants import registered
-
-    return {"attention": "#d62728", **{v.name: v.color for v in registered()}, "no_attention": "#bbbbbb"}
-
-
-def _kind_label(kind: str) -> str:
-    from moshi_ttt.models.variants import find_variant
-
-    variant = find_variant(kind)
-    return kind if variant is None else variant.label()
+# Layer kind -> colour in the context plot; a variant not named here is grey.
+KIND_COLORS = {"attention": "#d62728", "pre_attention": "#2ca02c", "post_attention": "#ff7f0e",
+               "hybrid": "#17becf", "cache_replacement": "#1f77b4", "no_attention": "#bbbbbb"}
 
 
 def _nan(x):
@@ -38,7 +28,7 @@ def plot_context(context: dict, rope: dict | None = None, path=None):
     m = context["metrics"]
     names = list(m["layers"])
     frames = m["frames"]
-    colors = kind_colors()
+    colors = KIND_COLORS
     for i, name in enumerate(names):
         row = m["layers"][name]
         w = row.get("window")
@@ -52,9 +42,9 @@ def plot_context(context: dict, rope: dict | None = None, path=None):
     ax.set_ylabel("attention window (frames)")
     from matplotlib.patches import Patch
 
-    kinds = [k for k in colors if any(r["kind"] == k for r in m["layers"].values())]
+    kinds = list(dict.fromkeys(r["kind"] for r in m["layers"].values()))
     lines, labels = ax.get_legend_handles_labels()
-    ax.legend([*(Patch(color=colors[k]) for k in kinds), *lines], [*map(_kind_label, kinds), *labels], fontsize=7,
+    ax.legend([*(Patch(color=colors.get(k, "grey")) for k in kinds), *lines], [*kinds, *labels], fontsize=7,
               loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("attention window per layer vs conversation length (bars below the dashed line wrap)")
     return _finish(fig, path)

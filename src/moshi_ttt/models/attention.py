@@ -473,7 +473,10 @@ class LocalStreamingAttention(StreamingMultiheadAttention):
         chunk_size: int | None = None,
         backend: str = "sdpa",
     ) -> LocalStreamingAttention:
-        """Convert ``module`` in place (no copy, no re-init); ``window=None`` keeps its context."""
+        """Convert ``module`` in place (no copy, no re-init); ``window=None`` keeps its context.
+
+        Its ``__class__`` is swapped (here, and back in ``to_moshi``) so that moshi's built weights
+        stay where they are; ``cls`` may be a subclass (cache_replacement's, one per memory read)."""
         if not isinstance(module, StreamingMultiheadAttention):
             raise TypeError(f"expected a moshi StreamingMultiheadAttention, got {type(module).__name__}")
         if module.cross_attention or not module.causal:
@@ -484,8 +487,9 @@ class LocalStreamingAttention(StreamingMultiheadAttention):
             raise ValueError(f"attention backend={backend!r} must be one of {BACKENDS}")
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"attention window={window!r} must be a positive int or None")
-        if not isinstance(module, cls):
+        if not isinstance(module, LocalStreamingAttention):
             module.moshi_context = module.context
+        if not isinstance(module, cls):
             module.__class__ = cls
         module.context = module.moshi_context if window is None else window
         module.local_chunk_size = chunk_size

@@ -53,7 +53,7 @@ def load_exported(export_dir, base: Mapping | None = None, device: str | None = 
     on a machine where the hub is not reachable)."""
     from pathlib import Path
 
-    from moshi_ttt.export import load_export_weights, read_export
+    from moshi_ttt.models.export_format import load_export_weights, read_export
 
     export_dir = Path(export_dir)
     meta = read_export(export_dir)

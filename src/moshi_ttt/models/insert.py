@@ -36,6 +36,27 @@ def selected_layers(ttt_cfg: Mapping | TTTVariantConfig | None, num_layers: int)
     return sorted(out)
 
 
+def student_windows(ttt: TTTVariantConfig, num_layers: int, context: int | None,
+                    stage_window: int | None = None) -> dict[str, int | None]:
+    """The attention windows of the student's temporal layers, by the setting that gives each
+    (None: unbounded), as ``install_ttt`` and a stage's ``configure_for_stage`` set them."""
+    out: dict[str, int | None] = {}
+    own: set[int] = set()
+    variant = variant_for(ttt)
+    fixed = variant.attention_window() if variant is not None else None
+    if fixed is not None:  # the variant's layers keep their own window (hybrid's W, cache_replacement's lag window)
+        own = set(selected_layers(ttt, num_layers))
+        out[f"the attention window {ttt.variant} keeps (from ttt.ttt_layer_attention_window)"] = fixed
+    if len(own) < num_layers:
+        if stage_window is not None:
+            out["the stage's attention_window"] = stage_window
+        elif ttt.attention_window is not None:
+            out["ttt.attention_window"] = int(ttt.attention_window)
+        else:
+            out["the model's context"] = context
+    return out
+
+
 def install_ttt(model: LMModel, ttt_cfg: Mapping | TTTVariantConfig | None) -> list[nn.Module]:
     """Linear-cost attention everywhere, then the variant in the selected layers. Returns the new
     TTT-bearing modules, one per layer (their parameters are the trainable ones).

@@ -84,6 +84,26 @@ def locate_checkpoint(cfg: MoshiSourceConfig) -> tuple[dict | None, Path | None]
     raise ValueError(f"model.source={cfg.source!r} must be one of hf, dir, tiny")
 
 
+def lm_kwargs_for(model_cfg: dict) -> dict:
+    """The LMModel constructor arguments of ``model``: ``lm_kwargs`` for a tiny model; a local
+    directory's ``config.json`` when present; else Moshi 7B's built-in config (what moshi's
+    loader uses for a hub repo without config.json), each with ``lm_kwargs`` on top.
+
+    No download and no weights: the planner and config validation size a model with it."""
+    source = model_cfg.get("source", "tiny")
+    extra = dict(model_cfg.get("lm_kwargs") or {})
+    if source == "tiny":
+        if not extra:
+            raise ValueError("model.source=tiny needs model.lm_kwargs")
+        return extra
+    if source == "dir" and model_cfg.get("path"):
+        config_path = Path(model_cfg["path"]).expanduser() / "config.json"
+        if config_path.exists():
+            raw = json.loads(config_path.read_text())
+            return {**{k: v for k, v in raw.items() if k not in _NON_LM_KEYS}, **extra}
+    return {**loaders._lm_kwargs, **extra}
+
+
 def load_base_moshi(cfg: MoshiSourceConfig) -> LMModel:
     """The base LMModel, weights loaded, every parameter frozen, in eval mode."""
     dtype = _resolve_dtype(cfg.dtype)

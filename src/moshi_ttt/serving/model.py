@@ -24,7 +24,6 @@ from moshi_ttt.serving.codec import CodecSources, codec_sources
 logger = logging.getLogger(__name__)
 
 KINDS = ("export", "hub", "run", "checkpoint")
-_HUB_FILES = ["config.json", "*.safetensors", "*.model", "*.json"]
 
 
 @dataclass
@@ -49,7 +48,9 @@ def resolve(spec: str) -> ModelRef:
     if path.is_file():
         return ModelRef("checkpoint", str(path), spec)
     if path.is_dir():
-        if (path / "config.json").exists():
+        from moshi_ttt.models.export_format import CONFIG_NAME
+
+        if (path / CONFIG_NAME).exists():
             return ModelRef("export", str(path), spec)
         if (path / "checkpoints").is_dir() or (path / "config.yaml").exists():
             return ModelRef("run", str(path), spec)
@@ -67,8 +68,10 @@ def fetch_hub_export(repo: str, revision: str | None = None) -> Path:
     """A local copy of an export directory published on the hub (the files export writes only)."""
     from huggingface_hub import snapshot_download
 
+    from moshi_ttt.models.export_format import FILE_PATTERNS
+
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=_HUB_FILES))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=FILE_PATTERNS))
     except Exception as exn:  # noqa: BLE001 - hub errors come in many types; the user needs the repo
         raise FileNotFoundError(f"MODEL {repo}: no such local path, and could not fetch it from the hub ({type(exn).__name__}: {exn}); "
                                 "offline? download the export directory and pass its path") from exn
@@ -98,7 +101,7 @@ def read_source(ref: ModelRef, mimi: str | None = None, tokenizer: str | None = 
                 revision: str | None = None) -> Source:
     """The config of a MODEL (read from the checkpoint or export itself), not yet built."""
     if ref.kind in ("export", "hub"):
-        from moshi_ttt.export import read_export
+        from moshi_ttt.models.export_format import read_export
 
         directory = Path(ref.path) if ref.kind == "export" else fetch_hub_export(ref.path, revision)
         meta = read_export(directory)

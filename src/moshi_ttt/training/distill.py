@@ -32,34 +32,8 @@ from moshi.modules.lora import LoRALinear
 from moshi.modules.transformer import StreamingMultiheadAttention
 from torch import nn
 
-from moshi_ttt.config.schema import DistillConfig, LossConfig, TTTVariantConfig
+from moshi_ttt.config.schema import DISTILL_TARGETS, DistillConfig, LossConfig
 from moshi_ttt.training.loss import position_weights
-
-TARGETS = ("logits", "hidden")
-
-
-def student_windows(ttt: TTTVariantConfig, num_layers: int, context: int | None,
-                    stage_window: int | None = None) -> dict[str, int | None]:
-    """The attention windows of the student's temporal layers, by the setting that gives each
-    (None: unbounded), as ``install_ttt`` and a stage's ``configure_for_stage`` set them."""
-    from moshi_ttt.models.insert import selected_layers
-    from moshi_ttt.models.variants import variant_for
-
-    out: dict[str, int | None] = {}
-    own: set[int] = set()
-    variant = variant_for(ttt)
-    fixed = variant.attention_window() if variant is not None else None
-    if fixed is not None:  # the variant's layers keep their own window (hybrid's W, cache_replacement's lag window)
-        own = set(selected_layers(ttt, num_layers))
-        out[f"the attention window {ttt.variant} keeps (from ttt.ttt_layer_attention_window)"] = fixed
-    if len(own) < num_layers:
-        if stage_window is not None:
-            out["the stage's attention_window"] = stage_window
-        elif ttt.attention_window is not None:
-            out["ttt.attention_window"] = int(ttt.attention_window)
-        else:
-            out["the model's context"] = context
-    return out
 
 
 def _self_attentions(model: nn.Module) -> list[StreamingMultiheadAttention]:
@@ -125,8 +99,8 @@ class TeacherOutput:
 def teacher_forward(model: nn.Module, codes: torch.Tensor, cfg: DistillConfig) -> TeacherOutput:
     """The teacher's outputs for ``codes`` [B, 17, T], no grad: one forward of the frozen base
     with the teacher's window; nothing of it is kept but its logits (or hidden outputs)."""
-    if cfg.target not in TARGETS:
-        raise ValueError(f"loss.distill.target={cfg.target!r} must be one of {', '.join(TARGETS)}")
+    if cfg.target not in DISTILL_TARGETS:
+        raise ValueError(f"loss.distill.target={cfg.target!r} must be one of {', '.join(DISTILL_TARGETS)}")
     with torch.no_grad(), teacher_view(model, cfg.teacher_window):
         if cfg.target == "hidden":
             with capture_hidden(model) as box:

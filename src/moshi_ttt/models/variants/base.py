@@ -6,7 +6,7 @@ is one module of this package that owns all of it:
 - a ``Variant`` subclass registered under its ``ttt.variant`` name (``@register``): how it goes
   into a layer (``install``), the settings it refuses (``check``), the attention window its
   layers keep (``attention_window``), and what the diagnostics and ``make memory-proof`` need to
-  know (``has_memory``, ``display_name``, ``color``, ``context_message``, ``proof_runs``);
+  know (``has_memory``, ``context_message``);
 - the module it installs, a ``VariantModule``: its streaming state, its trainable and opening
   parameters, its health statistics, and what the planner counts (``layer_shape``, from the
   module built on the meta device).
@@ -17,6 +17,7 @@ registry (``variant_for``, ``variant_class``, ``registered``); none of them name
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -46,10 +47,10 @@ class VariantModule:
     Besides the members below it has ``variant_name`` (its variant), ``ttt_name`` ("layer3", as
     the logs name it), ``ttt_enabled`` (False bypasses the memory: the "is TTT used?" check),
     ``opening_parameters()`` (gate, read projection, inner-lr projection: their own LR scale and
-    no weight decay), ``health()`` (floats for the logs, per layer) and
-    ``configure_for_stage(ttt_mini_batch_size, window)`` (a curriculum stage's settings)."""
+    no weight decay) and ``health()`` (floats for the logs, per layer); ``configure_for_stage``
+    takes a curriculum stage's settings."""
 
-    __slots__ = ()  # no state of its own; list it after the nn.Module base (cache_replacement swaps __class__)
+    __slots__ = ()  # no state of its own; list it after the nn.Module base (cache_replacement's class is swapped in)
     variant_name: ClassVar[str] = ""
     ttt_name: str
     ttt_enabled: bool
@@ -79,6 +80,35 @@ class VariantModule:
     def rerun_frozen_matmul(self) -> int:
         """Frozen matmul weights the module runs a second time per token (the planner's FLOPs)."""
         return 0
+
+    # ---- shared by the variants' modules ----------------------------------------------------
+    def configure_for_stage(self, ttt_mini_batch_size: int | None = None, window: int | None = None) -> None:
+        check_stage_mini_batch(ttt_mini_batch_size, self.ttt_memory.mini_batch_size,
+                               f"{self.ttt_name}: a stage's TTT mini-batch")
+
+    def gate_health(self) -> dict[str, float]:
+        """The gate and read projection as they are now (the memory's own stats are as of its last forward)."""
+        with torch.no_grad():
+            gate = torch.tanh(self.gate_parameter.float())
+            stats = {"gate_mean_abs": float(gate.abs().mean()), "gate_max_abs": float(gate.abs().max())}
+            if self.read_projection is not None:
+                stats["read_proj_norm"] = float(self.read_projection.float().norm())
+        return stats
+
+    def _per_conversation(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fn(x)``, once per conversation of a packed training sequence: each starts from a fresh
+        memory, as at inference (a streamed step carries its state instead)."""
+        segments = current_segments() if self._streaming_state is None else None
+        return fn(x) if segments is None else per_segment(x, segments, fn)
+
+
+class MemoryStateMixin:
+    """Mixin of a streaming state (a dataclass with a ``ttt`` field): a reset sample restarts its memory."""
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        if self.ttt is not None:
+            self.ttt = self.ttt.reset(reset_mask)
 
 
 def base_layer(layer: nn.Module) -> nn.Module:
@@ -130,10 +160,6 @@ class Variant:
     add ``conf/ttt/<name>.yaml``. An instance holds the ``ttt`` settings it was made for."""
 
     name: ClassVar[str]
-    display_name: ClassVar[str] = ""
-    """How plots and tables label it (default: ``name``)."""
-    color: ClassVar[str] = "grey"
-    """Its colour in the diagnostics' plots."""
     has_memory: ClassVar[bool] = True
     """Its layers keep frames older than their attention window (in a TTT memory that reads them).
     The context check counts them as kept, the memory proof expects them to recall beyond the
@@ -182,11 +208,7 @@ class Variant:
                           str(cfg.inner), hidden, fast_weight, int(memory.mini_batch_size),
                           int(cfg.checkpoint_group_size), str(cfg.rule), int(cfg.chunk_size) if delta else 0)
 
-    # ---- diagnostics and the memory proof ---------------------------------------------------
-    @classmethod
-    def label(cls) -> str:
-        return cls.display_name or cls.name
-
+    # ---- diagnostics ------------------------------------------------------------------------
     @classmethod
     def context_message(cls, name: str, window: str, where: str, wraps: int, ttt_window: int | None) -> str:
         """The context check's line for a layer whose attention window (``window``, as text) is
@@ -197,15 +219,6 @@ class Variant:
             return (f"{name}: {where}: attention wraps {wraps}x, but the layer's {cls.name} TTT memory keeps the "
                     "older frames")
         return ""
-
-    @classmethod
-    def proof_runs(cls) -> dict[str, list[str]]:
-        """``make memory-proof``'s runs of this variant: row name -> Hydra overrides ({w}: the base
-        window, {wb}: the window minus the TTT mini-batch, {b}: the mini-batch). The variant's own
-        proof recipe goes here, after the proof's common settings (e.g. its TTT mini-batch,
-        ``ttt.ttt_layer.mini_batch_size=N``, which ``{wb}`` and ``{b}`` then follow), and its training
-        steps, ``proof.variant_steps=N`` (the proof's own key, not Hydra's; default 2000)."""
-        return {cls.name: [f"ttt={cls.name}"]}
 
 
 _REGISTRY: dict[str, type[Variant]] = {}
@@ -271,14 +284,9 @@ def has_memory(kind: str) -> bool:
 # the variants that wrap the whole layer (pre_attention, post_attention, hybrid)
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class _TTTStreamState(State):
+class _TTTStreamState(MemoryStateMixin, State):
     ttt: TTTState | None = None
     make_fresh: object = field(default=None, repr=False)
-
-    def reset(self, reset_mask: torch.Tensor) -> None:
-        super().reset(reset_mask)
-        if self.ttt is not None:
-            self.ttt = self.ttt.reset(reset_mask)
 
 
 class TTTWrappedLayer(StreamingModule[_TTTStreamState], VariantModule):
@@ -338,10 +346,10 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState], VariantModule):
     def _ttt(self, x: torch.Tensor) -> torch.Tensor:
         """The gated TTT update of ``x`` [B, T, dim]; carries the streaming state, and gives each
         packed conversation a fresh memory."""
+        return self._per_conversation(x, self._ttt_update)
+
+    def _ttt_update(self, x: torch.Tensor) -> torch.Tensor:
         state = self._streaming_state
-        segments = current_segments() if state is None else None
-        if segments is not None:  # packed conversations: a fresh memory for each
-            return per_segment(x, segments, lambda piece: self.ttt(piece)[0])
         update, new_state = self.ttt(x, state.ttt if state is not None else None)
         if state is not None:
             state.ttt = new_state
@@ -380,9 +388,6 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState], VariantModule):
             self.ttt_norm.load_state_dict(self.layer.norm1.state_dict())
         ttt.gate_alpha.zero_()
 
-    def configure_for_stage(self, ttt_mini_batch_size: int | None = None, window: int | None = None) -> None:
-        check_stage_mini_batch(ttt_mini_batch_size, self.ttt.memory.mini_batch_size, f"{self.name}: a stage's TTT mini-batch")
-
     def opening_parameters(self) -> list[nn.Parameter]:
         """What opens the memory's path (gate, read projection, inner-lr projection): the
         optimiser gives these their own LR scale and no weight decay."""
@@ -391,13 +396,7 @@ class TTTWrappedLayer(StreamingModule[_TTTStreamState], VariantModule):
         return out + ([ttt.out_proj.weight] if ttt.out_proj is not None else [])
 
     def health(self) -> dict[str, float]:
-        stats = self.ttt.health()
-        with torch.no_grad():  # the gate and read projection as they are now, logged per layer
-            gate = torch.tanh(self.ttt.gate_alpha.float())
-            stats["gate_mean_abs"], stats["gate_max_abs"] = float(gate.abs().mean()), float(gate.abs().max())
-            if self.ttt.out_proj is not None:
-                stats["read_proj_norm"] = float(self.ttt.out_proj.weight.float().norm())
-        return stats
+        return {**self.ttt.health(), **self.gate_health()}
 
     # ---- VariantModule ----------------------------------------------------------------------
     @property

@@ -48,7 +48,6 @@ class HybridLayer(TTTWrappedLayer):
 class Hybrid(WrappingVariant):
     name = "hybrid"
     layer_class = HybridLayer
-    color = "#17becf"
     order = 30
 
     def attention_window(self) -> int:
@@ -66,10 +65,3 @@ class Hybrid(WrappingVariant):
     def context_message(cls, name: str, window: str, where: str, wraps: int, ttt_window: int | None) -> str:
         return (f"{name}: local window {window} in parallel with a TTT memory over the whole stream (older frames "
                 "live in the memory, not lost)")
-
-    @classmethod
-    def proof_runs(cls) -> dict[str, list[str]]:
-        # 2-frame mini-batches: twice the memory updates per frame (0.961 vs 0.910 at 4x, measured);
-        # 3000 steps: at 2000 the memory opened with seed 0 (0.961) but not yet with seed 1 (0.648; 0.949 at 3000)
-        return {"hybrid": ["ttt=hybrid", "ttt.ttt_layer_attention_window={w}", "ttt.ttt_layer.mini_batch_size=2",
-                           "proof.variant_steps=3000"]}

@@ -28,7 +28,6 @@ class PostAttentionLayer(TTTWrappedLayer):
 class PostAttention(WrappingVariant):
     name = "post_attention"
     layer_class = PostAttentionLayer
-    color = "#ff7f0e"
     has_memory = False
     order = 20
 

@@ -7,8 +7,8 @@ model.
 The read enters the frozen attention's input, so its gradient has two paths: the residual stream
 (what the read is for) and that attention's input at every position of the window (keep the
 lookups the attention already makes undisturbed). ``ttt.read_grad_through_attention`` scales the
-second: at full strength it drowns the first and the memory never learns to recall (measured in
-``make memory-proof``: 0.19 at 4x the window; 0.98 at 0.1). The forward is the same whatever it is.
+second: at full strength it drowns the first and the memory does not learn to recall
+(docs/memory-proof.md). The forward is the same whatever it is.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ class PreAttentionLayer(TTTWrappedLayer):
 class PreAttention(WrappingVariant):
     name = "pre_attention"
     layer_class = PreAttentionLayer
-    color = "#2ca02c"
     order = 10
 
     def check(self) -> None:

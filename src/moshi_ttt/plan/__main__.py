@@ -1,0 +1,7 @@
+"""``python -m moshi_ttt.plan``."""
+
+import sys
+
+from moshi_ttt.plan.cli import main
+
+sys.exit(main())
