@@ -327,3 +327,19 @@ def test_cli_recall_writes_its_table(tiny_lm_kwargs, recall_sets, tmp_path, caps
     data = json.loads((out / "recall.json").read_text())
     assert data["base"]["num_samples"] == 10 and set(data["base"]["by_delay"]) == {"20", "40"}
     assert (out / "recall.png").stat().st_size > 0 and (out / "recall.md").exists()
+
+
+def test_cli_names_shards_whose_tokens_do_not_fit_the_model(tiny_lm_kwargs, recall_sets, tmp_path, capsys):
+    """The wrong base for a set (a smaller vocabulary) is one line naming the shards, not an IndexError."""
+    import yaml
+
+    from moshi_ttt.eval.__main__ import main
+
+    model_yaml = tmp_path / "small.yaml"
+    model_yaml.write_text(yaml.safe_dump({"source": "tiny", "lm_kwargs": {**tiny_lm_kwargs, "text_card": 4,
+                                                                          "existing_text_padding_id": 3}}))
+    for command in (["recall"], ["loss", "--frames", "40"]):
+        assert main([*command, "--model", f"small=base:{model_yaml}", "--shards", str(recall_sets / "d20"),
+                     "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert "d20" in err and ">= the model's text_card 4" in err, err

@@ -139,7 +139,8 @@ def validate(args):
 
 
 def sequences(args, model, frames: int):
-    from moshi_ttt.diagnostics.sources import check_vocabulary, shard_codes, synthetic_codes
+    from moshi_ttt.diagnostics.sources import shard_codes, synthetic_codes
+    from moshi_ttt.eval.samples import check_vocabulary
 
     if args.synthetic:
         codes, source = synthetic_codes(model, frames, args.num_samples, args.seed), "--synthetic"

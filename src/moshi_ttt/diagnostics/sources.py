@@ -25,13 +25,3 @@ def shard_codes(shards, frames: int, num_samples: int = 1, pack: bool = True, mi
     conversations joined into ``frames``-long streams with ``pack``, else the first ones (padded)."""
     return load_codes(shards, frames, num_samples, min_frames, pack)
 
-
-def check_vocabulary(codes: torch.Tensor, model, source: str) -> None:
-    """A clear error when the tokens do not fit the model (before any compute)."""
-    if codes.dim() != 3 or codes.shape[1] != model.num_codebooks:
-        raise ValueError(f"{source}: codes of shape {tuple(codes.shape)}, the model needs [N, {model.num_codebooks}, T]")
-    text, audio = codes[:, 0], codes[:, 1:]
-    if int(text.max()) >= model.text_card:
-        raise ValueError(f"{source}: text token {int(text.max())} >= the model's text_card {model.text_card}")
-    if int(audio.max()) >= model.card:
-        raise ValueError(f"{source}: audio token {int(audio.max())} >= the model's card {model.card}")

@@ -49,13 +49,14 @@ def _safe_name(name: str) -> str:
 def cmd_loss(args, models) -> None:
     from moshi_ttt.eval.plots import plot_loss_curves
     from moshi_ttt.eval.position_loss import LossComparison, position_losses
-    from moshi_ttt.eval.samples import load_codes
+    from moshi_ttt.eval.samples import check_vocabulary, load_codes
 
     frames = _frames(args, 750)
     codes = load_codes(args.shards, frames, args.num_samples, args.min_frames, args.pack)
     logger.info("%d held-out sequence(s) of %d frames", codes.shape[0], frames)
     results = {}
     for name, model in models:
+        check_vocabulary(codes, model, f"--shards {' '.join(args.shards)} (model {name})")
         results[name] = position_losses(model, codes, args.frames_per_bucket, args.batch_size)
         del model  # the next model is built only once this one is released
     table = LossComparison(results)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from moshi_ttt.data.alignment import END_OF_TEXT_PADDING_ID, TEXT_PADDING_ID
-from moshi_ttt.eval.samples import batched, iter_samples, model_device, stack_codes
+from moshi_ttt.eval.samples import batched, check_vocabulary, iter_samples, model_device, stack_codes
 from moshi_ttt.training.loss import LossConfig, moshi_loss
 
 
@@ -71,8 +71,9 @@ def recall_report(model, shards: str | list[str], max_samples: int | None = None
     per_sample = []
     n = 0
     for batch in batched(_recall_samples(shards, max_samples), batch_size):
-        codes = _stack(model, batch).to(device)
-        out = model(codes)
+        codes = _stack(model, batch)
+        check_vocabulary(codes, model, f"{shards}: samples {batch[0].key!r}..{batch[-1].key!r}")
+        out = model(codes.to(device))
         for i, sample in enumerate(batch):
             for fact in recall_spans(sample.meta):
                 a, b = (int(x) for x in fact["recall_span"])

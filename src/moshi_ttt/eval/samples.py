@@ -121,3 +121,14 @@ def batched(items: Iterable, batch_size: int) -> Iterator[list]:
 def model_device(model: torch.nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def check_vocabulary(codes: torch.Tensor, model, source: str) -> None:
+    """A clear error when the tokens do not fit the model (before any compute)."""
+    if codes.dim() != 3 or codes.shape[1] != model.num_codebooks:
+        raise ValueError(f"{source}: codes of shape {tuple(codes.shape)}, the model needs [N, {model.num_codebooks}, T]")
+    text, audio = codes[:, 0], codes[:, 1:]
+    if int(text.max()) >= model.text_card:
+        raise ValueError(f"{source}: text token {int(text.max())} >= the model's text_card {model.text_card}")
+    if int(audio.max()) >= model.card:
+        raise ValueError(f"{source}: audio token {int(audio.max())} >= the model's card {model.card}")
