@@ -125,8 +125,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def check_vocabulary(codes: torch.Tensor, model, source: str) -> None:
     """A clear error when the tokens do not fit the model (before any compute)."""
-    if codes.dim() != 3 or codes.shape[1] != model.num_codebooks:
-        raise ValueError(f"{source}: codes of shape {tuple(codes.shape)}, the model needs [N, {model.num_codebooks}, T]")
+    streams = getattr(model, "num_codebooks", codes.shape[1] if codes.dim() == 3 else None)
+    if codes.dim() != 3 or codes.shape[1] != streams:
+        raise ValueError(f"{source}: codes of shape {tuple(codes.shape)}, the model needs [N, {streams}, T]")
     text, audio = codes[:, 0], codes[:, 1:]
     if int(text.max()) >= model.text_card:
         raise ValueError(f"{source}: text token {int(text.max())} >= the model's text_card {model.text_card}")
