@@ -170,7 +170,7 @@ def render(rows: list[dict], args) -> str:
         d, s1, s16 = (by.get((e, T), {}).get("seconds") for e in ENGINES)
         if d and s1 and s16:
             lines.append(f"  T={T:>6}: scan b=1 / delta = {s1 / d:5.1f}x (>= 15 at 3750)   "
-                         f"delta / scan b=16 = {d / s16:.2f} (<= 0.33: a third)")
+                         f"delta / scan b=16 = {d / s16:.2f} (<= 0.5)")
     deltas = [by.get(("delta", T)) for T in args.lengths]
     deltas = [r for r in deltas if r and "error" not in r]
     if len(deltas) > 1:
