@@ -205,7 +205,7 @@ class Stage:
 
     @property
     def frames(self) -> int:
-        from moshi_ttt.data.shards import seconds_to_frames
+        from moshi_ttt.constants import seconds_to_frames
 
         return seconds_to_frames(self.seconds)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from moshi_ttt.constants import FRAME_RATE
+from moshi_ttt.constants import FRAME_RATE, seconds_to_frames  # noqa: F401 (seconds_to_frames: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +31,6 @@ INDEX_NAME = "index.json"
 
 class ShardFormatError(ValueError):
     """A sample or shard that does not follow the token-shard format."""
-
-
-def seconds_to_frames(seconds: float) -> int:
-    """Frames at Mimi's 12.5 Hz, rounded up so that a stage never gets less than asked."""
-    frames = int(np.ceil(seconds * FRAME_RATE - 1e-9))
-    return frames
 
 
 def encode_codes(codes: np.ndarray) -> bytes:
