@@ -66,7 +66,7 @@ def test_training_logs_an_audio_sample_to_wandb(compose_cfg, tmp_path):
 
 
 def test_audio_samples_names_a_bad_codec_before_training(tmp_path):
-    from moshi_ttt.training.audio_samples import AudioSamplesCallback
+    from moshi_ttt.eval.audio_samples import AudioSamplesCallback
 
     cb = AudioSamplesCallback(mimi=str(tmp_path / "no_mimi"), tokenizer=str(tmp_path / "t.model"))
     with pytest.raises(ValueError, match="callbacks.audio_samples.mimi"):

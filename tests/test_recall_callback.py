@@ -13,8 +13,8 @@ from helpers import read_metric
 from moshi_ttt.config.errors import ConfigError
 from moshi_ttt.data import write_synthetic_shards
 from moshi_ttt.data.recall import TokenRecallSpec, write_token_recall_shards
+from moshi_ttt.eval.recall_callback import RecallCallback
 from moshi_ttt.training import train
-from moshi_ttt.training.recall_callback import RecallCallback
 
 
 def recall_sets(root: Path) -> tuple[Path, Path]:

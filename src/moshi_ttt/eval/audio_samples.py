@@ -20,6 +20,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from moshi_ttt.eval.audio import conversation_audio, user_codes_of, write_wav
+from moshi_ttt.eval.generate import generate_and_track
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,9 +81,6 @@ class AudioSamplesCallback(L.Callback):
     @torch.no_grad()
     def generate(self, model, prompt: torch.Tensor) -> dict:
         """{audio [2, S], text, timeline} of a continuation of ``prompt`` ([17, P])."""
-        from moshi_ttt.eval.audio import conversation_audio, user_codes_of
-        from moshi_ttt.eval.generate import generate_and_track
-
         was_training = model.training
         model.eval()
         try:
@@ -97,8 +97,6 @@ class AudioSamplesCallback(L.Callback):
         return {"audio": audio, "text": text, "summary": timeline.summary()}
 
     def write(self, trainer, step: int, sample: dict) -> Path:
-        from moshi_ttt.eval.audio import write_wav
-
         root = Path(self.out_dir or Path(trainer.default_root_dir) / "audio_samples")
         root.mkdir(parents=True, exist_ok=True)
         wav = write_wav(root / f"step{step:08d}.wav", sample["audio"])

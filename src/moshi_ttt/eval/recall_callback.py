@@ -25,6 +25,10 @@ from pathlib import Path
 import lightning as L
 
 from moshi_ttt.config.errors import ConfigError, bad
+from moshi_ttt.data.shards import ShardFormatError, resolve_shards
+from moshi_ttt.eval.position_loss import _json_safe
+from moshi_ttt.eval.recall import attention_span, recall_report, window_split
+from moshi_ttt.eval.samples import iter_samples
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +54,6 @@ class RecallCallback(L.Callback):
         self.check()
 
     def check(self) -> None:
-        from moshi_ttt.data.shards import ShardFormatError, resolve_shards
-        from moshi_ttt.eval.samples import iter_samples
-
         if self.max_samples is not None and self.max_samples < 1:
             raise bad("callbacks.recall.max_samples", self.max_samples, "a positive number of conversations, or null: all")
         if self.batch_size < 1:
@@ -74,8 +75,6 @@ class RecallCallback(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        from moshi_ttt.eval.recall import attention_span, recall_report, window_split
-
         start = time.perf_counter()
         model = pl_module.model
         with trainer.precision_plugin.val_step_context():
@@ -90,8 +89,6 @@ class RecallCallback(L.Callback):
             self._write(trainer, report, split, window, seconds)
 
     def _write(self, trainer, report: dict, split: dict, window: int | None, seconds: float) -> None:
-        from moshi_ttt.eval.position_loss import _json_safe
-
         step = int(trainer.global_step)
         rows = [[int(d), _finite(acc), c["text_tokens"] + c["audio_tokens"], window is not None and int(d) >= window]
                 for (d, acc), c in zip(report["by_delay"].items(), report["by_delay_counts"].values())]
