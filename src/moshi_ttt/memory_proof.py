@@ -259,6 +259,9 @@ def train_variant(variant: str, job: dict) -> float:
         f"curriculum.stages=[{_stage('in_window', job['short'], warm, args)},"
         f"{_stage('full', job['frames'], steps - warm, args)}]",
         f"optim.lr={args.ttt_lr}", "optim.weight_decay=0.0",
+        # a compute size, like the model's: the delta engine's reads do not depend on it (tests/test_delta_rule.py),
+        # and narrow heads (17-wide keys here) run fastest in short chunks on a CPU
+        f"ttt.ttt_layer.chunk_size={args.chunk_size}",
         *([] if args.full_loss else ["loss.audio_weight=0.0", "loss.text_padding_weight=0.0"]),
         *row_overrides(job["rows"][variant], args.window),  # the row: the product's config and sizes
         *args.override,
@@ -592,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="run everything once per seed (its own shards, base and rows) and report the mean and min")
     p.add_argument("--ttt-lr", type=float, default=3e-3)
+    p.add_argument("--chunk-size", type=int, default=16,
+                   help="frames per chunk of the delta engine (speed only: the reads do not depend on it)")
     p.add_argument("--full-loss", action="store_true",
                    help="train the variants on Moshi's whole loss; default: the text words only (audio is a "
                         "constant silence and padding follows from the layout, so their gradients are noise here)")

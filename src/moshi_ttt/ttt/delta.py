@@ -79,18 +79,24 @@ def _group(inclusive: bool, has_decay: bool, S: Tensor, q: Tensor, k: Tensor, v:
         A = (beta[..., None] * kk).masked_fill(~strict, 0.0)
         rhs_k, k_out, keep = bk, k, None
         qk = qk.masked_fill(~read_mask, 0.0)
-    # (I + A) [W | U0] = [diag(beta e^G) K | diag(beta) V]: the chunk's own part of every u
-    solved = torch.linalg.solve_triangular(A, torch.cat([rhs_k, beta[..., None] * v], -1), upper=False,
-                                           unitriangular=True)
+    # (I + A)^-1 once per chunk (a solve against I: cheaper than one against the 2K + 1 right-hand
+    # columns, forward and backward), then [W | U0] = (I + A)^-1 [diag(beta e^G) K | diag(beta) V]
+    eye = torch.eye(C, dtype=k.dtype, device=k.device).expand_as(A)
+    inverse = torch.linalg.solve_triangular(A + eye, eye, upper=False, unitriangular=True)
+    solved = inverse @ torch.cat([rhs_k, beta[..., None] * v], -1)
     W, U0 = solved[..., :Kd], solved[..., Kd:]
-    per_chunk = [t.unbind(2) for t in (q, qk, W, U0, k_out.transpose(-1, -2))]
+    # O = Q S + QK (U0 - W S) = (Q - QK W) S + QK U0: what does not need S is computed for all chunks at
+    # once, and one matmul per chunk reads both S-dependent terms ([Q - QK W; W] S)
+    reads0 = qk @ U0
+    readers = torch.cat([q - qk @ W, W], -2)
+    per_chunk = [t.unbind(2) for t in (readers, reads0, U0, k_out.transpose(-1, -2))]
     keeps = keep.unbind(2) if keep is not None else [None] * len(per_chunk[0])
     reads = []
     # unbind, not x[:, :, c]: a slice's gradient is a full-size zero tensor per chunk (quadratic backward)
-    for (q_c, qk_c, W_c, U0_c, kT_c), keep_c in zip(zip(*per_chunk), keeps):
-        U = U0_c - W_c @ S
-        reads.append(q_c @ S + qk_c @ U)
-        S = (S if keep_c is None else S * keep_c) + kT_c @ U
+    for (rw_c, r0_c, U0_c, kT_c), keep_c in zip(zip(*per_chunk), keeps):
+        read_c, WS = (rw_c @ S).split(C, -2)
+        reads.append(read_c + r0_c)
+        S = (S if keep_c is None else S * keep_c) + kT_c @ (U0_c - WS)
     return torch.stack(reads, 2), S
 
 
@@ -124,7 +130,9 @@ def chunk_delta_rule(
         raise ValueError(f"delta rule: {q.shape[2]} queries for {N} frames (one query per frame)")
     if N == 0:
         return v.new_zeros(*v.shape[:2], 0, v.shape[-1]), state
-    size = max(1, min(chunk_size, N))
+    # as many chunks as chunk_size asks for, of equal size: 91 frames at 64 are 2 chunks of 46, not 64 + 27
+    # padded to 128 (the C^2 terms make padding cost more than the frames it pads)
+    size = -(-N // -(-N // max(1, min(chunk_size, N))))
     streams = [_chunks(t, size) for t in (q, k, v, beta)]
     if log_decay is not None:
         streams.append(_chunks(log_decay, size))
