@@ -12,6 +12,7 @@ import pytest
 from moshi_ttt.memory_proof import (
     SELECT_KEYS,
     SIZE_KEYS,
+    TEACHER_KEYS,
     VARIANTS,
     VARIANTS_WALL,
     delay_gap,
@@ -75,18 +76,22 @@ def test_memory_proof_rejects_layouts_that_miss_the_point(tmp_path):
 
 
 def test_rows_are_the_products_config_plus_sizes_only(tmp_path, monkeypatch):
-    """Every row is a conf/ttt option plus sizes (or the one key that selects the other rule): a memory
+    """Every row is a conf/ttt option plus sizes (or the one key that selects the other rule, or the product's
+    teacher): a memory
     setting that only the proof used would make the proof show something the product does not train."""
     from moshi_ttt import memory_proof
 
     for name, overrides in VARIANTS.items():
         assert overrides[0].startswith("ttt="), name
         for o in overrides[1:]:
-            assert o.split("=", 1)[0] in SIZE_KEYS + SELECT_KEYS, (name, o)
+            assert o.split("=", 1)[0] in SIZE_KEYS + SELECT_KEYS + TEACHER_KEYS, (name, o)
     bad = tmp_path / "memory_proof.yaml"
     bad.write_text("rows:\n  pre_attention: [ttt=pre_attention, ttt.ttt_layer.base_lr=16]\n")
     monkeypatch.setattr(memory_proof, "PROOF_FILE", bad)
     with pytest.raises(ValueError, match="sets ttt.ttt_layer.base_lr, which is not a size"):
+        memory_proof.proof_rows()
+    bad.write_text("rows:\n  hybrid: [ttt=hybrid, optim.lr=0.1]\n")  # a proof-only training setting
+    with pytest.raises(ValueError, match="sets optim.lr, which is not a size"):
         memory_proof.proof_rows()
 
 

@@ -57,9 +57,12 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 PROOF_FILE = CONF_DIR / "memory_proof.yaml"
-#: The ttt keys a row may set: sizes, and the one key that selects the alternative rule.
+#: The keys a row may set: sizes, the one key that selects the alternative rule, and the product's teacher
+#: (loss.distill: the frozen base with a longer window teaching the student's logits, a training objective,
+#: not a memory setting; its window is a size, ``{o}``).
 SIZE_KEYS = ("ttt.ttt_layer_attention_window", "ttt.layer_indices", "ttt.default_num_layers")
 SELECT_KEYS = ("ttt.ttt_layer.rule",)
+TEACHER_KEYS = ("loss.distill.weight", "loss.distill.teacher_window")
 DEFAULT_LAYERS = 2  # --layers
 VARIANTS_WALL = "variants together"  # timings.json: the wall time of training the variants side by side
 
@@ -120,7 +123,7 @@ def recipe_row(experiment: str, num_layers: int) -> list[str]:
 
 
 def proof_rows(num_layers: int = DEFAULT_LAYERS) -> dict[str, list[str]]:
-    """Row name -> Hydra overrides (``conf/memory_proof.yaml``; ``{w}``, ``{wm}`` filled in when a row trains)."""
+    """Row name -> Hydra overrides (``conf/memory_proof.yaml``; ``{w}``, ``{wm}``, ``{o}`` filled in when a row trains)."""
     import yaml
 
     spec = yaml.safe_load(PROOF_FILE.read_text())
@@ -130,7 +133,7 @@ def proof_rows(num_layers: int = DEFAULT_LAYERS) -> dict[str, list[str]]:
     for name, overrides in rows.items():
         for o in overrides:
             key = o.split("=", 1)[0].lstrip("+~")
-            if key.startswith("ttt.") and key not in SIZE_KEYS + SELECT_KEYS:
+            if key != "ttt" and key not in SIZE_KEYS + SELECT_KEYS + TEACHER_KEYS:
                 raise ValueError(f"{PROOF_FILE}: row {name!r} sets {key}, which is not a size: the proof trains the "
                                  "product's memory (change its default in conf/ttt or the schema instead)")
     return rows
@@ -238,9 +241,10 @@ def write_size(row: list[str]) -> int:
     return int(ttt_settings(cfg.ttt).ttt_layer.resolved().mini_batch_size)
 
 
-def row_overrides(row: list[str], window: int) -> list[str]:
-    """A row's overrides with ``{w}`` (the base window) and ``{wm}`` (it minus the row's write size) filled in."""
-    return [o.format(w=window, wm=window - write_size(row)) for o in row]
+def row_overrides(row: list[str], window: int, oracle_window: int) -> list[str]:
+    """A row's overrides with ``{w}`` (the base window), ``{wm}`` (it minus the row's write size) and ``{o}``
+    (the oracle's window) filled in."""
+    return [o.format(w=window, wm=window - write_size(row), o=oracle_window) for o in row]
 
 
 def train_variant(variant: str, job: dict) -> float:
@@ -263,7 +267,7 @@ def train_variant(variant: str, job: dict) -> float:
         # and narrow heads (17-wide keys here) run fastest in short chunks on a CPU
         f"ttt.ttt_layer.chunk_size={args.chunk_size}",
         *([] if args.full_loss else ["loss.audio_weight=0.0", "loss.text_padding_weight=0.0"]),
-        *row_overrides(job["rows"][variant], args.window),  # the row: the product's config and sizes
+        *row_overrides(job["rows"][variant], args.window, job["oracle_window"]),  # the row: the product's config and sizes
         *args.override,
     ])
     summary = train(cfg)
@@ -411,7 +415,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
     todo = [v for v in args.variants if not (args.reuse and (out / "runs" / v / "checkpoints" / "last.ckpt").exists()
                                                and (out / "ttt" / f"{v}.json").exists())]
     job = {"args": args, "out": out, "base_dir": base_dir, "short": _spec([inside], args.pairs).frames(),
-           "frames": variant_set.frames(), "seed": seed, "rows": proof_rows(args.layers)}
+           "frames": variant_set.frames(), "seed": seed, "rows": proof_rows(args.layers), "oracle_window": longest}
     t = time.perf_counter()
     for variant, seconds in train_variants(todo, job, args.jobs):
         _save_timing(out, variant, seconds)
