@@ -140,9 +140,10 @@ def distill_loss(out, teacher: TeacherOutput, codes: torch.Tensor, cfg: LossConf
     if teacher.logits is None or teacher.text_logits is None:
         raise ValueError("loss.distill.target=logits needs the teacher's logits")
     tau = float(distill.temperature)
-    text = _kl(out.text_logits, teacher.text_logits, w.text_mask, w.text_weights, tau)
-    audio = _kl(out.logits, teacher.logits, w.audio_mask, w.audio_weights, tau)
-    return cfg.text_weight * text + cfg.audio_weight * audio
+    loss = cfg.text_weight * _kl(out.text_logits, teacher.text_logits, w.text_mask, w.text_weights, tau)
+    if cfg.audio_weight:  # at 0 nothing flows back through the depformer (the same loss)
+        loss = loss + cfg.audio_weight * _kl(out.logits, teacher.logits, w.audio_mask, w.audio_weights, tau)
+    return loss
 
 
 def distill_settings(raw: Mapping | DistillConfig | None) -> DistillConfig:

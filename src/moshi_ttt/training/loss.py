@@ -73,6 +73,8 @@ def moshi_loss(out: LMOutput, codes: torch.Tensor, cfg: LossConfig, text_padding
     per_codebook = (audio_ce * audio_mask).sum(dim=(0, 2)) / counts
     token_losses = (audio_ce * audio_mask).sum(1) + (text_ce * text_mask).sum(1)
     token_counts = audio_mask.sum(1) + text_mask.sum(1)
-    loss = cfg.text_weight * text_loss + cfg.audio_weight * audio_loss
+    loss = cfg.text_weight * text_loss
+    if cfg.audio_weight:  # at 0 the audio logits stay metrics: no backward through the depformer (the same loss)
+        loss = loss + cfg.audio_weight * audio_loss
     return LossOutput(loss, text_loss, audio_loss, per_codebook.detach(), token_losses.detach(),
                       token_counts.detach())
