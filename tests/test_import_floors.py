@@ -54,8 +54,8 @@ def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
             else:
                 target = node.module or ""
             # `from moshi_ttt import config` imports moshi_ttt.config
-            found += [(node.lineno, f"{target}.{alias.name}" if floor_of(f"{target}.{alias.name}") is not None
-                       and floor_of(target) is None else target) for alias in node.names]
+            found += [(node.lineno, f"{target}.{alias.name}" if floor_of(target) is None else target)
+                      for alias in node.names]
     return [(line, name) for line, name in found if name.startswith("moshi_ttt")]
 
 

@@ -82,7 +82,7 @@ def _group(inclusive: bool, has_decay: bool, S: Tensor, q: Tensor, k: Tensor, v:
     # (I + A)^-1 once per chunk (a solve against I: cheaper than one against the 2K + 1 right-hand
     # columns, forward and backward), then [W | U0] = (I + A)^-1 [diag(beta e^G) K | diag(beta) V]
     eye = torch.eye(C, dtype=k.dtype, device=k.device).expand_as(A)
-    inverse = torch.linalg.solve_triangular(A + eye, eye, upper=False, unitriangular=True)
+    inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # reads A's diagonal as 1
     solved = inverse @ torch.cat([rhs_k, beta[..., None] * v], -1)
     W, U0 = solved[..., :Kd], solved[..., Kd:]
     # O = Q S + QK (U0 - W S) = (Q - QK W) S + QK U0: what does not need S is computed for all chunks at
@@ -132,7 +132,8 @@ def chunk_delta_rule(
         return v.new_zeros(*v.shape[:2], 0, v.shape[-1]), state
     # as many chunks as chunk_size asks for, of equal size: 91 frames at 64 are 2 chunks of 46, not 64 + 27
     # padded to 128 (the C^2 terms make padding cost more than the frames it pads)
-    size = -(-N // -(-N // max(1, min(chunk_size, N))))
+    chunks = -(-N // max(1, min(chunk_size, N)))
+    size = -(-N // chunks)
     streams = [_chunks(t, size) for t in (q, k, v, beta)]
     if log_decay is not None:
         streams.append(_chunks(log_decay, size))
