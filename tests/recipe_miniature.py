@@ -1,8 +1,9 @@
 """The flagship recipe (conf/experiment/moshiko_ttt_30min.yaml) in miniature: only what cannot
 run on a CPU is overridden, so every other key of the recipe runs here first.
 
-Overridden: the model (tiny, with 3 layers so the recipe's ``ttt.layer_indices: [-3, -2, -1]`` selects
-them all; gradient checkpointing and every TTT setting kept), the codec of the audio samples
+Overridden: the model (tiny, with 3 layers; the recipe's ``ttt.layer_indices`` read relative to depth, as
+the memory proof's ``recipe`` row reads them: [0, 16, 31] of 32 -> all 3; gradient checkpointing, the
+teacher and every other TTT setting kept), the codec of the audio samples
 (a tiny Mimi and tokenizer instead of the model repo's; shorter samples), the data (synthetic shards for
 the corpus, token-level recall conversations for the recall sources and the recall callback's held-out
 set: the recipe's mixtures and callback run as written), the trainer (DeepSpeed on 2 CPU processes), the
@@ -60,6 +61,16 @@ def write_recall_sets(root) -> None:
                                       samples_per_shard=4)
 
 
+NUM_LAYERS = 3
+
+
+def recipe_layers(num_layers: int = NUM_LAYERS) -> str:
+    """The recipe's TTT layers at the same relative depth of a ``num_layers``-deep tiny model."""
+    from moshi_ttt.memory_proof import recipe_row
+
+    return next(o for o in recipe_row("moshiko_ttt_30min", num_layers) if o.startswith("ttt.layer_indices="))
+
+
 def miniature_overrides(codec_dir, trainer: str | None = "deepspeed_cpu_sim", shapes=STAGE_SHAPES) -> list[str]:
     """``python train.py`` arguments after ``experiment=moshiko_ttt_30min``. ``codec_dir`` holds a
     tiny Mimi and tokenizer (``serve_model.make_dataset_dir``) for the recipe's audio samples; the
@@ -69,7 +80,8 @@ def miniature_overrides(codec_dir, trainer: str | None = "deepspeed_cpu_sim", sh
     out = [
         "model=tiny",
         "model.gradient_checkpointing=true",
-        "model.lm_kwargs.num_layers=3",
+        f"model.lm_kwargs.num_layers={NUM_LAYERS}",
+        recipe_layers(),
         "model.lm_kwargs.text_card=320",  # the tiny tokenizer's pieces
         f"callbacks.audio_samples.mimi={codec_dir}/mimi",
         f"callbacks.audio_samples.tokenizer={codec_dir}/tokenizer.model",

@@ -23,7 +23,8 @@ from moshi_ttt.memory_proof import (
 
 TINY = ["--window", "16", "--pairs", "2", "3", "--delays", "2", "3", "--train-delay", "2", "--base-steps", "4",
         "--base-extend-steps", "3", "--extend-batch-size", "2", "--variant-steps", "6", "--pretrain-samples", "16",
-        "--train-samples", "16", "--test-samples", "4", "--batch-size", "2", "--base-batch-size", "4"]
+        "--train-samples", "16", "--test-samples", "4", "--batch-size", "2", "--base-batch-size", "4",
+        "--min-base-recall", "0"]  # a 4-step base has not learned the lookup: the plumbing is what is tested
 
 
 @pytest.mark.slow
@@ -40,11 +41,21 @@ def test_memory_proof_runs_every_variant(tmp_path, capsys, monkeypatch):
     assert result["delays"] == {"2x": 32, "3x": 48} and result["oracle_window"] > 48
     assert result["in_window_reach"] < 16 and set(result["timings"]) >= {"base", "base_extended", *VARIANTS}
     together = result["timings"][VARIANTS_WALL]
-    assert together["jobs"] == 2 and together["variants"] == sorted(VARIANTS)
+    # the recipe's block on a 2-layer toy is the hybrid row's config: trained once, scored under both names
+    assert result["trained_as"] == {"recipe": "hybrid"}
+    assert together["jobs"] == 2 and together["variants"] == sorted(v for v in VARIANTS if v != "recipe")
+    recipe = json.loads((tmp_path / "seed_0" / "ttt" / "recipe.json").read_text())
+    hybrid = json.loads((tmp_path / "seed_0" / "ttt" / "hybrid.json").read_text())
+    assert recipe["ckpt"] == hybrid["ckpt"] and recipe["ttt"]["layer_indices"] == [0, 1]
+    assert [r for r in result["rows"] if r["model"] == "recipe"] == [
+        {**r, "model": "recipe"} for r in result["rows"] if r["model"] == "hybrid"]
     assert (tmp_path / "recall_vs_delay.png").stat().st_size > 1000
     assert "| cache_replacement_kv_slots | 3 |" in capsys.readouterr().out
     assert result["variant_steps"] == 6 and result["seeds"] == [0]
-    assert result["rows_config"]["recipe"] == ["ttt=pre_attention", "ttt.layer_indices=[1]"]  # last 3 of 32 -> last of 2
+    # the 7B recipe's block and teacher: layers [0, 16, 31] of 32 -> both of 2, its window and the teacher's onto the toy's
+    assert result["rows_config"]["recipe"] == ["ttt=hybrid", "ttt.layer_indices=[0,1]",
+                                               "ttt.ttt_layer_attention_window={w}", "loss.distill.weight=1.0",
+                                               "loss.distill.teacher_window={o}"]
     # what each row trained is the product's config: its memory settings are the defaults, not the proof's
     saved = json.loads((tmp_path / "seed_0" / "ttt" / "pre_attention.json").read_text())["ttt"]
     assert saved["ttt_layer"]["rule"] == "delta" and saved["init_from_attention"] is True
@@ -96,12 +107,49 @@ def test_rows_are_the_products_config_plus_sizes_only(tmp_path, monkeypatch):
         memory_proof.proof_rows()
 
 
-def test_the_recipe_row_reads_the_placement_relative_to_depth():
+def test_the_recipe_row_reads_the_placement_relative_to_depth(tmp_path, monkeypatch):
+    from moshi_ttt import memory_proof
     from moshi_ttt.memory_proof import recipe_row, relative_layers
 
     assert relative_layers([-3, -2, -1], 32, 2) == [1] and relative_layers([-3, -2, -1], 32, 8) == [7]
     assert relative_layers([0, 16, 31], 32, 4) == [0, 2, 3]
-    assert recipe_row("moshiko_ttt_30min", 16)[:2] == ["ttt=pre_attention", "ttt.layer_indices=[14,15]"]
+    assert recipe_row("moshiko_ttt_30min", 16)[:2] == ["ttt=hybrid", "ttt.layer_indices=[0,8,15]"]
+    # a recipe without the teacher trains without it; a variant with a short window of its own gets the toy's
+    experiments = tmp_path / "experiment"
+    experiments.mkdir()
+    head = "defaults:\n  - override /model: moshiko_7b\n  - override /ttt: {}\n"
+    (experiments / "plain.yaml").write_text(head.format("cache_replacement") + "ttt:\n  layer_indices: [-1]\n")
+    (experiments / "far.yaml").write_text(head.format("hybrid") + "loss:\n  distill:\n    weight: 1\n"
+                                          "    teacher_window: 6000\n")
+    (tmp_path / "model").symlink_to(memory_proof.CONF_DIR / "model")
+    monkeypatch.setattr(memory_proof, "CONF_DIR", tmp_path)
+    assert recipe_row("plain", 2) == ["ttt=cache_replacement", "ttt.layer_indices=[1]",
+                                      "ttt.ttt_layer_attention_window={wm}"]
+    with pytest.raises(ValueError, match="teacher_window=6000"):  # a teacher window the toy cannot scale
+        recipe_row("far", 2)
+
+
+def test_the_proof_stops_before_the_rows_when_the_base_has_not_learned_the_lookup(tmp_path):
+    with pytest.raises(SystemExit, match=r"the frozen base recalls 0\.\d+ .* it has not learned the lookup"):
+        main(["--out", str(tmp_path), *TINY, "--min-base-recall", "0.9", "--variants", "hybrid"])
+    assert (tmp_path / "seed_0" / "base_checkpoint").exists() and not (tmp_path / "seed_0" / "runs" / "hybrid").exists()
+
+
+def test_only_rows_that_compose_the_same_run_are_trained_once(tmp_path):
+    import argparse
+
+    from moshi_ttt.memory_proof import proof_rows, twin_rows
+
+    def job(layers):
+        args = argparse.Namespace(variant_steps=10, layers=layers, window=16, dim=32, ttt_lr=3e-3, batch_size=2,
+                                  chunk_size=16, full_loss=False, override=[])
+        return {"args": args, "out": tmp_path, "base_dir": tmp_path / "base", "short": 20, "frames": 40, "seed": 0,
+                "rows": proof_rows(layers), "oracle_window": 60}
+
+    rows = ["hybrid", "pre_attention", "recipe"]
+    assert twin_rows(rows, job(2)) == {"recipe": "hybrid"}  # [0, 16, 31] of 32 -> both layers of 2: every layer
+    assert twin_rows(rows, job(4)) == {}  # -> [0, 2, 3] of 4: not the hybrid row's every layer
+    assert twin_rows(["recipe", "hybrid"], job(2)) == {"hybrid": "recipe"}
 
 
 def test_seeds_are_combined_as_mean_and_min():

@@ -24,6 +24,9 @@ def test_recipe_composes_with_the_real_model_settings(compose_cfg):
     assert [s.seconds for s in cfg.curriculum.stages] == [15, 300, 1800]
     assert [bool(s.packing) for s in cfg.curriculum.stages] == [False, True, True]
     assert "DeepSpeed" in cfg.trainer.strategy._target_
+    # the memory the proof shows opening: hybrid spread over the depth, taught by the frozen Moshi at its own window
+    assert cfg.ttt.variant == "hybrid" and list(cfg.ttt.layer_indices) == [0, 16, 31]
+    assert cfg.loss.distill.weight == 1 and cfg.loss.distill.teacher_window is None
     assert "wandb" in cfg.logger
     assert cfg.callbacks.audio_samples.mimi == "kyutai/moshiko-pytorch-bf16"
     # the long stages mix in spoken recall conversations; recall is scored at every validation
@@ -44,6 +47,8 @@ def test_recipe_in_miniature_runs_every_stage_under_deepspeed(tmp_path):
     run = tmp_path / "runs" / "mini"
     losses = read_metric(run, "train/loss")
     assert sorted(losses) == list(range(total_steps())), sorted(losses)
+    # the recipe's teacher (the frozen base at its own window) taught every step, beside Moshi's loss
+    assert sorted(read_metric(run, "train/distill_loss")) == list(range(total_steps()))
     packed = read_metric(run, "data/packed_fraction")
     for stage in (1, 2):  # the long stages join conversations (and reset TTT memory between them)
         assert any(v > 0 for s, v in packed.items() if stage_of_step(s) == stage), packed

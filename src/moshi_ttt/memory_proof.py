@@ -16,7 +16,7 @@ attention window the tiny base learns the lookup; beyond it only a memory can he
    kept): a short in-window stage first, then everything. A row is the product's own
    configuration (``conf/memory_proof.yaml``: a ``conf/ttt`` option, plus sizes only), so the
    memory proven here is the memory a user trains; the ``recipe`` row is the 7B recipe's ``ttt``
-   block with its layer placement read relative to depth. The loss is the text words' (audio is a
+   block and teacher with its scales read onto the toy's (``recipe_row``). The loss is the text words' (audio is a
    constant silence and padding follows from the layout: their gradients are only noise here;
    ``--full-loss`` for Moshi's whole loss).
 3. Score on held-out sets with ``--pairs`` pairs queried inside the window and at each of
@@ -94,31 +94,50 @@ def _flatten(mapping: dict, prefix: str) -> list[tuple[str, object]]:
 
 
 def recipe_row(experiment: str, num_layers: int) -> list[str]:
-    """The overrides that give a ``num_layers``-deep toy the ``ttt`` block of ``conf/experiment/<experiment>``:
-    its ``ttt`` option and every key its block sets, ``layer_indices`` read relative to the recipe model's depth."""
+    """The overrides that give a ``num_layers``-deep toy the ``ttt`` block and the teacher of
+    ``conf/experiment/<experiment>``: its ``ttt`` option and every key its block sets, and its
+    ``loss.distill``, with the 7B's three scales read onto the toy's:
+
+    - ``layer_indices`` relative to the recipe model's depth ([0, 16, 31] of 32 -> [0, 1] of 2);
+    - the TTT layers' own short window (hybrid, cache_replacement: ``ttt_layer_attention_window``, set or
+      the schema's) -> the toy base's window ``{w}`` (``{wm}``): the distance beyond which attention is blind
+      and the memory must carry the pair;
+    - the teacher's window, null (the model's own context: Moshi's 3000 frames) -> the oracle's ``{o}``: the
+      window that reaches every pair the proof asks for (526 frames by default, longer than the rows' 91-frame
+      training sequences: the teacher sees each whole). The 7B's student sees 256 of the teacher's 3000 frames;
+      the toy's 32 of 91."""
     import yaml
 
     from moshi_ttt.models.loading import lm_kwargs_for
 
-    recipe = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
+    path = CONF_DIR / "experiment" / f"{experiment}.yaml"
+    recipe = yaml.safe_load(path.read_text())
     defaults = [d for d in recipe.get("defaults", []) if isinstance(d, dict)]
     option = next((d["override /ttt"] for d in defaults if "override /ttt" in d), None)
     model = next((d["override /model"] for d in defaults if "override /model" in d), None)
     if option is None or model is None:
-        raise ValueError(f"conf/experiment/{experiment}.yaml: the recipe row needs its ttt and model options")
+        raise ValueError(f"{path}: the recipe row needs its ttt and model options")
     lm = lm_kwargs_for(yaml.safe_load((CONF_DIR / "model" / f"{model}.yaml").read_text()))
     depth, context = int(lm["num_layers"]), int(lm["context"])
+    short_window = "{wm}" if option.startswith("cache_replacement") else "{w}"
     row = [f"ttt={option}"]
-    for key, value in _flatten(recipe.get("ttt") or {}, "ttt"):
+    block = _flatten(recipe.get("ttt") or {}, "ttt")
+    for key, value in block:
         if key == "ttt.layer_indices" and value is not None:
             value = relative_layers(value, depth, num_layers)
-        elif key == "ttt.ttt_layer_attention_window" and value is not None:
-            # the recipe's window is read relative to its model's: Moshi's own window is the toy base's
-            if int(value) != context:
-                raise ValueError(f"conf/experiment/{experiment}.yaml: {key}={value}: the recipe row maps only the "
-                                 f"model's own window ({context}) onto the toy's")
-            value = "{wm}" if option.startswith("cache_replacement") else "{w}"
+        elif key == "ttt.ttt_layer_attention_window":
+            value = short_window
         row.append(f"{key}={_override_value(value)}")
+    if (option == "hybrid" or option.startswith("cache_replacement")) and \
+            "ttt.ttt_layer_attention_window" not in dict(block):
+        row.append(f"ttt.ttt_layer_attention_window={short_window}")  # the schema's 256 frames on the 7B
+    distill = ((recipe.get("loss") or {}).get("distill") or {})
+    if distill.get("weight"):
+        window = distill.get("teacher_window")
+        if window not in (None, context):
+            raise ValueError(f"{path}: loss.distill.teacher_window={window}: the recipe row maps only the model's "
+                             f"own context (null, {context} frames) onto the toy's oracle window")
+        row += [f"loss.distill.weight={_override_value(distill['weight'])}", "loss.distill.teacher_window={o}"]
     return row
 
 
@@ -146,9 +165,13 @@ DEFAULT_VARIANTS = [v for v in VARIANTS if v != "pre_attention_minibatch_gd"]
 
 
 def training_cost(name: str, args) -> float:
-    """A row's relative training time (for balancing the processes that train rows side by side): the
-    recipe trains fewer TTT layers."""
-    return 0.6 if name == "recipe" else 1.0
+    """A row's relative training time (for balancing the processes that train rows side by side): the share
+    of the toy's layers it puts a TTT layer in (every row but the recipe: all of them)."""
+    if name != "recipe":
+        return 1.0
+    row = dict(o.split("=", 1) for o in proof_rows(args.layers)["recipe"])
+    indices = row.get("ttt.layer_indices")
+    return 1.0 if indices in (None, "null") else max(0.2, len(indices.strip("[]").split(",")) / args.layers)
 
 
 def _compose(overrides: list[str]):
@@ -250,18 +273,15 @@ def row_overrides(row: list[str], window: int, oracle_window: int) -> list[str]:
     return [o.format(w=window, wm=window - write_size(row), o=oracle_window) for o in row]
 
 
-def train_variant(variant: str, job: dict) -> float:
-    """Train one row's TTT layers on the frozen base (``job``: what ``run`` prepared); writes its
-    ``ttt/<variant>.json``; returns the seconds it took."""
-    from moshi_ttt.training import train
-
+def variant_config(variant: str, job: dict, run_name: str | None = None):
+    """The training config of one row (``job``: what ``run_seed`` prepared): the frozen base, the proof's two
+    stages and optimiser, and the row's overrides with its sizes filled in."""
     args, out = job["args"], job["out"]
-    t = time.perf_counter()
     steps = args.variant_steps
     warm = max(1, steps // 10)
-    cfg = _compose([
+    return _compose([
         *_model_overrides(args), *_common(out), "curriculum=demo", f"seed={job['seed']}",
-        f"run_name={variant}", "model.source=dir", f"model.path={job['base_dir']}",
+        f"run_name={run_name or variant}", "model.source=dir", f"model.path={job['base_dir']}",
         f"data.train_shards={out / 'pairs_train'}", "ttt.layer_indices=null", f"ttt.default_num_layers={args.layers}",
         f"curriculum.stages=[{_stage('in_window', job['short'], warm, args)},"
         f"{_stage('full', job['frames'], steps - warm, args)}]",
@@ -273,6 +293,42 @@ def train_variant(variant: str, job: dict) -> float:
         *row_overrides(job["rows"][variant], args.window, job["oracle_window"]),  # the row: the product's config and sizes
         *args.override,
     ])
+
+
+def training_key(variant: str, job: dict) -> str:
+    """What a row trains, its name aside and its TTT layers resolved: two rows with the same key would train
+    the same run, step for step (the 7B recipe's layers [0, 16, 31] read onto a 2-layer toy are every layer,
+    as in the ``hybrid`` row)."""
+    from moshi_ttt.models.insert import selected_layers
+
+    cfg = OmegaConf.to_container(variant_config(variant, job, run_name="row"), resolve=True)
+    cfg["ttt"]["layer_indices"] = selected_layers(cfg["ttt"], job["args"].layers)
+    cfg["ttt"].pop("default_num_layers", None)
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def twin_rows(variants: list[str], job: dict) -> dict[str, str]:
+    """Row -> the earlier row (in ``variants``' order) that trains the same run: trained once, scored under both
+    names."""
+    first: dict[str, str] = {}
+    twins = {}
+    for v in variants:
+        key = training_key(v, job)
+        if key in first:
+            twins[v] = first[key]
+        else:
+            first[key] = v
+    return twins
+
+
+def train_variant(variant: str, job: dict) -> float:
+    """Train one row's TTT layers on the frozen base (``job``: what ``run`` prepared); writes its
+    ``ttt/<variant>.json``; returns the seconds it took."""
+    from moshi_ttt.training import train
+
+    out = job["out"]
+    t = time.perf_counter()
+    cfg = variant_config(variant, job)
     summary = train(cfg)
     ttt_file = out / "ttt" / f"{variant}.json"
     ttt_file.parent.mkdir(exist_ok=True)
@@ -355,6 +411,19 @@ def _common(out: Path) -> list[str]:
             "loss.first_codebook_weight=1.0"]
 
 
+def check_base(base, args, seed: int, out: Path) -> None:
+    """Stop before any row trains when the frozen base has not learned the lookup inside its own window:
+    beyond it no memory could then show anything (a 4-layer base missed it in 800 steps on seed 1)."""
+    recall = min(recall_report(base, str(out / f"pairs_test_{n}_in"), max_samples=args.test_samples)["text_accuracy"]
+                 for n in args.pairs)
+    logger.info("seed %d: the frozen base recalls %.3f of the pairs inside its window", seed, recall)
+    if recall < args.min_base_recall:
+        raise SystemExit(f"memory proof, seed {seed}: the frozen base recalls {recall:.3f} of the pairs inside its own "
+                         f"window (--min-base-recall {args.min_base_recall:g}): it has not learned the lookup, so no "
+                         f"row could show a memory. Train it longer (--base-steps, now {args.base_steps}; the base is "
+                         f"in {out}) or pick another seed.")
+
+
 def run_seed(args, seed: int, out: Path) -> dict:
     """The whole proof with one seed (its shards, base, rows and scores) under ``out``."""
     from moshi_ttt.models import build_model, save_base_checkpoint
@@ -410,21 +479,29 @@ def run_seed(args, seed: int, out: Path) -> dict:
         model_cfg, base_dir = pretrain_phase("base_extended", extend, out / "pairs_extend", base_window,
                                              args.base_extend_steps, args.extend_batch_size, start_dir=base_dir)
     frozen = {**model_cfg, "source": "dir", "path": str(base_dir), "train_base": False}
+    check_base(build_model(frozen, {"variant": "none"}), args, seed, out)
 
     # 2. each row's TTT on the frozen base: in-window conversations first, then everything;
     # --jobs at once, each in its own process.
     models = {"frozen base": build_model(frozen, {"variant": "none"}),
               "oracle": build_model(frozen, {"variant": "none", "attention_window": longest})}
-    todo = [v for v in args.variants if not (args.reuse and (out / "runs" / v / "checkpoints" / "last.ckpt").exists()
-                                               and (out / "ttt" / f"{v}.json").exists())]
     job = {"args": args, "out": out, "base_dir": base_dir, "short": _spec([inside], args.pairs).frames(),
            "frames": variant_set.frames(), "seed": seed, "rows": proof_rows(args.layers), "oracle_window": longest}
+    twins = twin_rows(list(args.variants), job)
+    todo = [v for v in args.variants if v not in twins and not (
+        args.reuse and (out / "runs" / v / "checkpoints" / "last.ckpt").exists() and (out / "ttt" / f"{v}.json").exists())]
     t = time.perf_counter()
     for variant, seconds in train_variants(todo, job, args.jobs):
         _save_timing(out, variant, seconds)
     if todo:  # the wall time of training these variants together (stale once one is retrained alone)
         _save_timing(out, VARIANTS_WALL, {"variants": sorted(todo), "jobs": min(args.jobs, len(todo)),
                                           "seconds": time.perf_counter() - t})
+    for twin, trained_as in twins.items():  # the same run under another name: its checkpoint, the twin's config
+        logger.info("seed %d: %s trains the same run as %s: scored from its checkpoint", seed, twin, trained_as)
+        ckpt = json.loads((out / "ttt" / f"{trained_as}.json").read_text())["ckpt"]
+        ttt = OmegaConf.to_container(variant_config(twin, job).ttt, resolve=True)
+        (out / "ttt" / f"{twin}.json").write_text(json.dumps({"ckpt": ckpt, "ttt": ttt, "trained_as": trained_as}))
+        _save_timing(out, twin, 0.0)
     for variant in args.variants:
         saved = json.loads((out / "ttt" / f"{variant}.json").read_text())
         models[variant] = _trained(frozen, saved["ttt"], Path(saved["ckpt"]))
@@ -452,7 +529,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
     result = {"seed": seed, "window_frames": W, "pairs": list(args.pairs), "delays": delays, "inside_gap": inside,
               "in_window_reach": max(lookup_reach(n, inside) for n in args.pairs), "oracle_window": longest,
               "train_delay": args.train_delay, "variant_steps": args.variant_steps,
-              "rows_config": {v: job["rows"][v] for v in args.variants},
+              "rows_config": {v: job["rows"][v] for v in args.variants}, "trained_as": twins,
               "seconds_this_run": time.perf_counter() - t0,
               "seconds_from_scratch": seconds_from_scratch(timings, args.variants), "timings": timings,
               "settings": {k: v for k, v in vars(args).items()}, "rows": rows}
@@ -535,6 +612,9 @@ def format_table(result: dict) -> str:
     if rows:
         lines += ["", "Rows (conf/memory_proof.yaml: the product's config and sizes): "
                   + "; ".join(f"{name}: {' '.join(o for o in overrides)}" for name, overrides in rows.items()) + "."]
+    for twin, trained_as in (result.get("trained_as") or {}).items():
+        lines += ["", f"{twin} composes the same training config as {trained_as} (its layers resolved): trained once, "
+                      "the same checkpoint scored under both names."]
     return "\n".join(lines) + "\n"
 
 
@@ -594,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-samples", type=int, default=1024)
     p.add_argument("--test-samples", type=int, default=64)
     p.add_argument("--base-steps", type=int, default=800, help="the lookup emerges after ~500 steps")
+    p.add_argument("--min-base-recall", type=float, default=0.9,
+                   help="stop before training the rows when the frozen base recalls less than this inside its window")
     p.add_argument("--base-lr", type=float, default=3e-3)
     p.add_argument("--base-extend-steps", type=int, default=700,
                    help="then the base trains on pairs at every distance up to --base-window (0: skip)")
