@@ -100,6 +100,28 @@ def test_kl_is_zero_at_step_0_with_the_students_window_and_positive_with_a_wider
         assert out_proj and all(float(p.grad.abs().max()) > 0 for p in out_proj)
 
 
+def test_a_text_only_loss_skips_the_teachers_depformer_and_is_the_same_loss(tiny_lm_kwargs, monkeypatch):
+    """loss.audio_weight 0 reads no audio distribution of the teacher: its depformer does not run, the text
+    logits and the distillation loss are bit for bit the full forward's, and the model is left as it was."""
+    _, model = _model(tiny_lm_kwargs, "hybrid", window=8, attention_window=8)
+    codes = _codes(tiny_lm_kwargs, B=2, T=40)
+    text_only = LossConfig(audio_weight=0.0, distill=DistillConfig(weight=1.0))
+    with torch.no_grad():
+        out = model(codes)
+        full = teacher_forward(model, codes, text_only.distill)
+        calls, depformer = [], type(model).forward_depformer_training
+        monkeypatch.setattr(type(model), "forward_depformer_training", lambda self, *a: calls.append(1) or depformer(self, *a))
+        lean = teacher_forward(model, codes, text_only.distill, audio=False)
+        assert not calls and lean.logits is None
+        assert torch.equal(lean.text_logits.nan_to_num(), full.text_logits.nan_to_num())
+        assert torch.equal(distill_loss(out, lean, codes, text_only, PADS), distill_loss(out, full, codes, text_only, PADS))
+        assert "forward_depformer_training" not in vars(model)  # the class's method again
+        model(codes)
+        assert calls  # the student's forward still runs it
+    with pytest.raises(ValueError, match="its audio ones when loss.audio_weight > 0"):
+        distill_loss(out, lean, codes, LossConfig(distill=DistillConfig(weight=1.0)), PADS)
+
+
 @pytest.fixture
 def no_grad():
     with torch.no_grad():
@@ -121,7 +143,7 @@ def test_weight_0_is_the_plain_loss_and_a_weight_adds_the_teacher(tiny_lm_kwargs
 
     calls = []
     real = M.teacher_forward
-    monkeypatch.setattr(M, "teacher_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(M, "teacher_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     off, _, _ = module(weight=0.0)._shared_step(batch, "train")
     assert torch.equal(off.loss, plain) and not calls  # no teacher forward at all
     on, _, _ = module(weight=0.5)._shared_step(batch, "train")

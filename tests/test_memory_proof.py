@@ -44,6 +44,9 @@ def test_memory_proof_runs_every_variant(tmp_path, capsys, monkeypatch):
     # the recipe's block on a 2-layer toy is the hybrid row's config: trained once, scored under both names
     assert result["trained_as"] == {"recipe": "hybrid"}
     assert together["jobs"] == 2 and together["variants"] == sorted(v for v in VARIANTS if v != "recipe")
+    others = sum(v for k, v in result["timings"].items() if k not in (*VARIANTS, VARIANTS_WALL))
+    assert result["seconds_from_scratch"] == pytest.approx(together["seconds"] + others)  # the twin costs nothing
+    assert "(the rows 2 at a time)" in (tmp_path / "memory_proof.md").read_text()
     recipe = json.loads((tmp_path / "seed_0" / "ttt" / "recipe.json").read_text())
     hybrid = json.loads((tmp_path / "seed_0" / "ttt" / "hybrid.json").read_text())
     assert recipe["ckpt"] == hybrid["ckpt"] and recipe["ttt"]["layer_indices"] == [0, 1]

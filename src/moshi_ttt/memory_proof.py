@@ -531,7 +531,8 @@ def run_seed(args, seed: int, out: Path) -> dict:
               "train_delay": args.train_delay, "variant_steps": args.variant_steps,
               "rows_config": {v: job["rows"][v] for v in args.variants}, "trained_as": twins,
               "seconds_this_run": time.perf_counter() - t0,
-              "seconds_from_scratch": seconds_from_scratch(timings, args.variants), "timings": timings,
+              "seconds_from_scratch": seconds_from_scratch(timings, [v for v in args.variants if v not in twins]),
+              "timings": timings,
               "settings": {k: v for k, v in vars(args).items()}, "rows": rows}
     (out / "memory_proof.json").write_text(json.dumps(result, indent=2))
     return result
@@ -586,7 +587,8 @@ def format_table(result: dict) -> str:
     W, labels = result["window_frames"], _labels(result)
     late = list(result["delays"])
     seeds = result.get("seeds", [0])
-    batch = trained_together(result["timings"], result["settings"]["variants"]) if len(seeds) == 1 else None
+    trained = [v for v in result["settings"]["variants"] if v not in (result.get("trained_as") or {})]
+    batch = trained_together(result["timings"], trained) if len(seeds) == 1 else None
     together = f" (the rows {batch['jobs']} at a time)" if batch and batch["jobs"] > 1 else ""
     over = (f"seeds {', '.join(map(str, seeds))}: each cell the mean over seeds (the min in brackets), every seed "
             "with its own base; " if len(seeds) > 1 else f"seed {seeds[0]}; ")

@@ -96,18 +96,42 @@ class TeacherOutput:
     hidden: torch.Tensor | None = None  # [B, T, D]
 
 
-def teacher_forward(model: nn.Module, codes: torch.Tensor, cfg: DistillConfig) -> TeacherOutput:
+@contextlib.contextmanager
+def depformer_skipped(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``'s forward without its depformer while the block runs: the audio logits come back NaN
+    (moshi's own undelaying, on a tensor that costs no compute), the text logits and the temporal
+    transformer's outputs exactly as they are. For a forward whose audio distribution nothing reads."""
+    own = vars(model).get("forward_depformer_training")
+
+    def skipped(sequence: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+        B, _, T = sequence.shape
+        return transformer_out.new_full((), float("nan")).expand(B, model.dep_q, T, model.card)
+
+    model.forward_depformer_training = skipped
+    try:
+        yield model
+    finally:
+        if own is None:
+            del model.forward_depformer_training
+        else:
+            model.forward_depformer_training = own
+
+
+def teacher_forward(model: nn.Module, codes: torch.Tensor, cfg: DistillConfig, audio: bool = True) -> TeacherOutput:
     """The teacher's outputs for ``codes`` [B, 17, T], no grad: one forward of the frozen base
-    with the teacher's window; nothing of it is kept but its logits (or hidden outputs)."""
+    with the teacher's window; nothing of it is kept but its logits (or hidden outputs).
+    ``audio=False`` (``loss.audio_weight`` 0: no audio KL): the depformer is skipped and only the text
+    logits are kept; the hidden target never needs it (in a tiny model it is ~40% of a forward)."""
     if cfg.target not in DISTILL_TARGETS:
         raise ValueError(f"loss.distill.target={cfg.target!r} must be one of {', '.join(DISTILL_TARGETS)}")
-    with torch.no_grad(), teacher_view(model, cfg.teacher_window):
+    skip = depformer_skipped(model) if (cfg.target == "hidden" or not audio) else contextlib.nullcontext()
+    with torch.no_grad(), teacher_view(model, cfg.teacher_window), skip:
         if cfg.target == "hidden":
             with capture_hidden(model) as box:
                 model(codes)
             return TeacherOutput(hidden=box["hidden"])
         out = model(codes)
-        return TeacherOutput(logits=out.logits, text_logits=out.text_logits)
+        return TeacherOutput(logits=out.logits if audio else None, text_logits=out.text_logits)
 
 
 def _kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
@@ -137,8 +161,9 @@ def distill_loss(out, teacher: TeacherOutput, codes: torch.Tensor, cfg: LossConf
         frames = w.text_mask[:, 0]  # [B, T]
         err = (student_hidden.float() - teacher.hidden.float()).pow(2).mean(-1)
         return (err * frames).sum() / frames.sum().clamp_min(1)
-    if teacher.logits is None or teacher.text_logits is None:
-        raise ValueError("loss.distill.target=logits needs the teacher's logits")
+    if teacher.text_logits is None or (cfg.audio_weight and teacher.logits is None):
+        raise ValueError("loss.distill.target=logits needs the teacher's logits (its audio ones when "
+                         "loss.audio_weight > 0)")
     tau = float(distill.temperature)
     loss = cfg.text_weight * _kl(out.text_logits, teacher.text_logits, w.text_mask, w.text_weights, tau)
     if cfg.audio_weight:  # at 0 nothing flows back through the depformer (the same loss)

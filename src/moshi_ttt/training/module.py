@@ -121,7 +121,7 @@ class MoshiTTTModule(L.LightningModule):
         if prefix == "train":  # kept bound through backward: checkpointed layers run their forward again there
             bind_segments(segments)
             if weight > 0:  # the frozen base with the teacher's window, first: only its outputs are kept
-                teacher = teacher_forward(self.model, codes, distill)
+                teacher = teacher_forward(self.model, codes, distill, audio=bool(self.loss_cfg.audio_weight))
             if teacher is not None and distill.target == "hidden":
                 with capture_hidden(self.model) as box:
                     out = self.model(codes)
